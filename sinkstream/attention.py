@@ -1,0 +1,42 @@
+"""Scaled dot-product attention over a cache view. Policy-agnostic: everything comes from the Plan."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .cache.plan import Plan
+from .rope import Rotary, apply_rotary
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Plan, *, scale: float,
+           rotary: Rotary | None = None, alibi_slopes: torch.Tensor | None = None) -> torch.Tensor:
+    """q: [batch, heads, C, d] and k, v: [batch, kv_heads, Lk, d], all un-rotated -> [batch, heads, C, dv].
+
+    Rotates queries and keys to the plan's in-cache positions (RoPE), or biases scores by in-cache
+    distance (ALiBi). Sink columns use ``plan.q_pos_sink`` when a chunk needs it (see cache/plan.py);
+    for RoPE this is done with one SDPA call by stacking two rotations of q along the feature axis.
+    """
+    mask = plan.mask
+    q_sink = None
+    if rotary is not None:
+        (ck, sk), (cq, sq), ts = plan.rope(rotary, q.dtype)
+        inter = rotary.cfg.interleaved
+        k = apply_rotary(k, ck, sk, interleaved=inter)
+        if ts is not None:
+            q_sink = apply_rotary(q, ts[0], ts[1], interleaved=inter)
+        q = apply_rotary(q, cq, sq, interleaved=inter)
+    if alibi_slopes is not None:
+        qp = plan.q_pos[:, None]
+        if plan.q_pos_sink is not None:
+            qp = torch.where(plan.sink_cols[None, :], plan.q_pos_sink[:, None], qp)
+        dist = (qp - plan.k_pos[None, :]).to(q.dtype)  # [C, Lk]
+        bias = -alibi_slopes.to(q.dtype)[:, None, None] * dist  # [heads, C, Lk]
+        if mask is not None:
+            bias = bias.masked_fill(~mask, float("-inf"))
+        mask = bias
+    if q_sink is not None:
+        sink = plan.sink_cols[None, None, :, None]
+        q = torch.cat([q_sink, q], dim=-1)
+        k = torch.cat([k * sink, k * ~sink], dim=-1)
+    gqa = q.shape[1] != k.shape[1]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)

@@ -1,0 +1,213 @@
+"""KV cache policies behind one protocol.
+
+A model cache answers: `begin(n)` (plan a pass of n tokens, one Plan per layer), `layers[i].update(k, v,
+plan)` (store and return what layer i attends to), `run(model, ids)` (feed tokens, get logits), `seen`,
+`cached`, `nbytes`, `state()` / `load_state()`. Policies:
+
+* ``dense``     every token, up to the model's context (then ContextOverflowError)
+* ``window``    the most recent W tokens (the baseline that collapses once the first token leaves)
+* ``sink``      StreamingLLM: the first S tokens for ever + the most recent W
+* ``recompute`` sliding window with re-computation: every step re-encodes the last W tokens from scratch
+
+Positions follow the contract written in `sinkstream.cache.plan`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .kv import KVBuffer
+from .plan import Plan, RingSlots
+
+POLICIES = ("dense", "window", "sink", "recompute")
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """`CacheConfig(policy="sink", sinks=4, window=1020)`: 4 sink tokens + 1020 recent = 1024 cached."""
+    policy: str = "sink"
+    sinks: int = 4
+    window: int = 1020
+    prefill_chunk: int = 512  # tokens per forward pass when a prompt is longer
+
+    def __post_init__(self):
+        if self.policy not in POLICIES:
+            raise ValueError(f"unknown cache policy {self.policy!r} (choose from {', '.join(POLICIES)})")
+        if self.sinks < 0:
+            raise ValueError(f"sinks must be >= 0, got {self.sinks}")
+        if self.policy != "dense" and self.window < 1:
+            raise ValueError(f"window must be at least 1 token, got {self.window}")
+        if self.prefill_chunk < 1:
+            raise ValueError("prefill_chunk must be >= 1")
+
+    def describe(self) -> str:
+        if self.policy == "dense":
+            return "dense"
+        if self.policy == "sink":
+            return f"sink({self.sinks},{self.window})"
+        return f"{self.policy}({self.window})"
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """What a model tells the cache about one attention layer."""
+    kv_heads: int
+    head_dim: int
+    v_head_dim: int | None = None
+    sliding_window: int | None = None  # the model's own local window for this layer (Gemma 3 local, Mistral)
+
+
+class StreamCache:
+    """Ring-buffer caches (dense/window/sink) for every layer of a model, grouped by slot layout."""
+
+    def __init__(self, config: CacheConfig, specs: list[LayerSpec], *, batch: int = 1, dtype=torch.float32,
+                 device="cpu", max_context: int = 8192):
+        self.config, self.device = config, torch.device(device)
+        self.max_context = max_context
+        self.groups: dict[tuple, RingSlots] = {}
+        self.layer_group: list[tuple] = []
+        self.layers: list[KVBuffer] = []
+        for spec in specs:
+            key = self._slots_for(spec)
+            if key not in self.groups:
+                sinks, window, growable = key
+                self.groups[key] = RingSlots(sinks, window, growable=growable, name=config.policy)
+            self.layer_group.append(key)
+            sinks, window, growable = key
+            slots = min(256, sinks + window) if growable else sinks + window
+            self.layers.append(KVBuffer(batch, spec.kv_heads, spec.head_dim, slots, dtype=dtype, device=device,
+                                        max_slots=sinks + window, v_head_dim=spec.v_head_dim))
+
+    def _slots_for(self, spec: LayerSpec) -> tuple[int, int, bool]:
+        c = self.config
+        if spec.sliding_window is not None:
+            # The model never looks further back than its own window on this layer: a plain ring of it.
+            if c.policy == "dense" or c.window + c.sinks >= spec.sliding_window:
+                return (0, spec.sliding_window, False)
+            return (c.sinks if c.policy == "sink" else 0, c.window, False)
+        if c.policy == "dense":
+            return (0, self.max_context, True)
+        if c.policy == "window":
+            return (0, c.window, False)
+        return (c.sinks, c.window, False)
+
+    # --- protocol -------------------------------------------------------------------------------------
+    def begin(self, n_new: int) -> list[Plan]:
+        plans = {key: slots.plan(n_new, self.device) for key, slots in self.groups.items()}
+        return [plans[key] for key in self.layer_group]
+
+    def run(self, model, input_ids: torch.Tensor, *, logits: str = "last", progress=None) -> torch.Tensor:
+        """Feed input_ids [batch, n] in chunks of `prefill_chunk`; logits [batch, 1 or n, vocab]."""
+        chunk = self.config.prefill_chunk
+        outs = []
+        n = input_ids.shape[1]
+        for i in range(0, n, chunk):
+            out = model(input_ids[:, i:i + chunk], self)
+            outs.append(out[:, -1:] if logits == "last" else out)
+            if progress is not None:
+                progress(min(i + chunk, n), n)
+        return outs[-1] if logits == "last" else torch.cat(outs, dim=1)
+
+    @property
+    def seen(self) -> int:
+        return next(iter(self.groups.values())).seen
+
+    @property
+    def cached(self) -> int:
+        """Tokens held by the layers with the largest cache (global layers on mixed models)."""
+        return max(g.filled for g in self.groups.values())
+
+    @property
+    def capacity(self) -> int | None:
+        if self.config.policy == "dense":
+            return self.max_context
+        return max(g.size for g in self.groups.values())
+
+    @property
+    def nbytes(self) -> int:
+        return sum(layer.nbytes for layer in self.layers)
+
+    def state(self) -> dict[str, torch.Tensor]:
+        """Flat name -> tensor dict (safetensors-ready) that `load_state` restores exactly."""
+        out: dict[str, torch.Tensor] = {}
+        for gi, (key, slots) in enumerate(self.groups.items()):
+            out[f"group{gi}.seen"] = torch.tensor([slots.seen])
+            out[f"group{gi}.slot_token"] = slots.slot_token.clone()
+        for li, (layer, key) in enumerate(zip(self.layers, self.layer_group)):
+            for name, t in layer.state(self.groups[key].filled).items():
+                out[f"layer{li}.{name}"] = t.cpu()
+        return out
+
+    def load_state(self, st: dict[str, torch.Tensor]) -> None:
+        for gi, slots in enumerate(self.groups.values()):
+            slots.load_state({"seen": int(st[f"group{gi}.seen"][0]), "slot_token": st[f"group{gi}.slot_token"]})
+        for li, layer in enumerate(self.layers):
+            layer.load_state({"k": st[f"layer{li}.k"], "v": st[f"layer{li}.v"]})
+
+
+class RecomputeCache:
+    """Sliding window with re-computation: the quality baseline, O(W) model work per token.
+
+    Keeps only the last W token ids; every pass re-encodes the window ending at each wanted position
+    from scratch (positions 0..W-1), exactly what a model with a W-token context would see.
+    """
+
+    def __init__(self, config: CacheConfig, make_dense):
+        self.config = config
+        self.window = config.window
+        self._make_dense = make_dense  # () -> a fresh dense StreamCache
+        self.history = torch.empty(1, 0, dtype=torch.long)
+        self.seen = 0
+
+    def run(self, model, input_ids: torch.Tensor, *, logits: str = "last", progress=None,
+            every: int = 1) -> torch.Tensor:
+        """logits="all" re-encodes one window per position (every `every`-th; others get NaN rows)."""
+        W, n = self.window, input_ids.shape[1]
+        ids = torch.cat([self.history.to(input_ids.device).expand(input_ids.shape[0], -1), input_ids], dim=1)
+        off = ids.shape[1] - n
+        self.history = ids[:1, -(W - 1):].cpu() if W > 1 else ids[:1, :0].cpu()
+        self.seen += n
+        if logits == "last":
+            return model(ids[:, -W:], None)[:, -1:]
+        rows = []
+        for i in range(n):
+            end = off + i + 1
+            if (self.seen - n + i) % every and i != n - 1:
+                rows.append(None)
+                continue
+            rows.append(model(ids[:, max(0, end - W):end], None)[:, -1:])
+            if progress is not None:
+                progress(i + 1, n)
+        like = next(r for r in rows if r is not None)
+        return torch.cat([r if r is not None else torch.full_like(like, float("nan")) for r in rows], dim=1)
+
+    @property
+    def cached(self) -> int:
+        return min(self.seen, self.window)
+
+    @property
+    def capacity(self) -> int:
+        return self.window
+
+    @property
+    def nbytes(self) -> int:
+        return self.history.numel() * self.history.element_size()
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return {"history": self.history.clone(), "seen": torch.tensor([self.seen])}
+
+    def load_state(self, st: dict[str, torch.Tensor]) -> None:
+        self.history = st["history"].clone().long()
+        self.seen = int(st["seen"][0])
+
+
+def make_cache(model, config: CacheConfig | None = None, *, batch: int = 1):
+    """The cache a `config` asks for, shaped for `model` (its layer specs, dtype and device)."""
+    config = config or CacheConfig()
+    dense = lambda: StreamCache(CacheConfig("dense"), model.layer_specs(), batch=batch, dtype=model.dtype,
+                                device=model.device, max_context=model.max_context)
+    if config.policy == "recompute":
+        return RecomputeCache(config, dense)
+    return StreamCache(config, model.layer_specs(), batch=batch, dtype=model.dtype, device=model.device,
+                       max_context=model.max_context)

@@ -1,0 +1,136 @@
+"""Which cached key sits in which buffer slot, and at which position it is attended. Written down once.
+
+Position contract (the StreamingLLM re-indexing, Xiao et al. §3.2):
+
+* Stream token ``u`` (0, 1, 2, ... for ever) is stored, *un-rotated*, in slot ``u`` if ``u < S`` (a sink,
+  kept for ever) and otherwise in ring slot ``S + (u - S) % W``. The slot is a pure function of ``u``.
+* When token ``t`` is the query, it sees the sinks ``0..S-1`` and the window ``o_t..t`` where
+  ``o_t = max(S, t - W + 1)``: at most ``S + W`` keys, itself included.
+* Positions are assigned *inside the cache*: sink ``s`` sits at ``s``, window token ``u`` at ``S + u - o_t``
+  and the query at ``S + t - o_t``. Nothing ever sits beyond ``S + W - 1``, however long the stream.
+* RoPE is applied at attention time (`sinkstream.rope`), to the keys of the view and to the queries, so a
+  key's rotation follows the eviction of older tokens without any re-rotation of stored data.
+
+A chunk of ``C`` new tokens is processed in one forward pass with the same result as ``C`` single steps:
+each query gets a banded mask (its own sinks + window), window keys are placed at ``S + u - b`` with
+``b = o_{t0}`` of the chunk's first query (relative distances ``t - u`` are then exact for every query),
+and because the sink distance ``S + t - o_t - s`` differs between queries once the ring is full, queries are
+rotated a second time, at ``S + t - o_t``, for the sink columns (``q_pos_sink``). Positions in a chunk stay
+below ``S + W + C``.
+
+``dense`` is the same with ``S = 0`` and ``W`` = the model's context (an error once it is full); ``window``
+is ``S = 0``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..errors import ContextOverflowError
+
+
+@dataclass
+class Plan:
+    """What one forward pass of ``n_new`` tokens does with one group of layer caches. Built once per pass."""
+    n_new: int
+    start: int                      # stream index of the first new token
+    write_first: bool               # write new K/V, then read the buffer (decode); else read, then write
+    read_len: int                   # buffer slots [0, read_len) are part of the view
+    write_slots: torch.Tensor       # [m] buffer slots receiving new tokens
+    write_src: torch.Tensor         # [m] which of the new tokens go there
+    capacity: int                   # buffer slots needed after this pass
+    k_tokens: torch.Tensor          # [Lk] stream index of every key in the view
+    k_pos: torch.Tensor             # [Lk] in-cache position of every key
+    q_pos: torch.Tensor             # [C] query positions (for all non-sink columns)
+    q_pos_sink: torch.Tensor | None  # [C] query positions for sink columns; None when equal to q_pos
+    sink_cols: torch.Tensor | None  # [Lk] bool, columns that use q_pos_sink
+    mask: torch.Tensor | None       # [C, Lk] bool, True = may attend; None = everything visible
+    decode_slot: int | None = None  # the one slot written by a single-token pass (no device sync needed)
+    _rope: dict = field(default_factory=dict, repr=False)
+
+    def rope(self, rotary, dtype: torch.dtype):
+        """cos/sin for keys, queries and sink-column queries; computed once per pass per rotary module."""
+        key = (id(rotary), dtype)
+        if key not in self._rope:
+            tk = rotary.tables(self.k_pos, dtype)
+            tq = rotary.tables(self.q_pos, dtype)
+            ts = None if self.q_pos_sink is None else rotary.tables(self.q_pos_sink, dtype)
+            self._rope[key] = (tk, tq, ts)
+        return self._rope[key]
+
+
+class RingSlots:
+    """Slot bookkeeping of one cache group: ``sinks`` kept for ever plus a ring of ``window`` recent tokens.
+
+    Holds only integers (stream length and which token each slot holds); layer buffers hold the tensors.
+    """
+
+    def __init__(self, sinks: int, window: int, *, growable: bool = False, name: str = "sink"):
+        if sinks < 0:
+            raise ValueError(f"sinks must be >= 0, got {sinks}")
+        if window < 1:
+            raise ValueError(f"window must be >= 1, got {window}")
+        self.sinks, self.window, self.growable, self.name = sinks, window, growable, name
+        self.seen = 0
+        self.slot_token = torch.full((sinks + window,), -1, dtype=torch.long)
+
+    @property
+    def size(self) -> int:
+        return self.sinks + self.window
+
+    @property
+    def filled(self) -> int:
+        return min(self.seen, self.size)
+
+    def slot_of(self, u: torch.Tensor) -> torch.Tensor:
+        S, W = self.sinks, self.window
+        return torch.where(u < S, u, S + (u - S).remainder(W))
+
+    def oldest(self, t: torch.Tensor) -> torch.Tensor:
+        return (t - self.window + 1).clamp(min=self.sinks)
+
+    def plan(self, n_new: int, device: torch.device | str = "cpu") -> Plan:
+        """Plan a pass over ``n_new`` tokens and advance the bookkeeping (the pass must then run)."""
+        S, W, t0 = self.sinks, self.window, self.seen
+        t_last = t0 + n_new - 1
+        if self.growable and t_last >= self.size:
+            raise ContextOverflowError(
+                f"context full: {self.name} cache holds {self.size} tokens and this needs {t_last + 1}; "
+                "use --cache sink to stream past the model's context")
+        t = torch.arange(t0, t0 + n_new)
+        o = self.oldest(t)
+        b = o[0]
+        q_pos = S + t - b
+        q_pos_sink = None if (S == 0 or bool((o == b).all())) else S + t - o
+        survivors = t[(t < S) | (t >= t_last - W + 1)]
+        write_slots = self.slot_of(survivors)
+        write_first = n_new == 1 or t_last < self.size
+        if write_first:
+            self.slot_token[write_slots] = survivors
+            read_len = min(t_last + 1, self.size)
+            k_tok = self.slot_token[:read_len].clone()
+        else:
+            read_len = self.filled
+            k_tok = torch.cat([self.slot_token[:read_len], t])
+            self.slot_token[write_slots] = survivors
+        self.seen = t_last + 1
+        k_pos = torch.where(k_tok < S, k_tok, S + k_tok - b).clamp(min=0)
+        vis = (k_tok[None, :] >= 0) & (k_tok[None, :] <= t[:, None]) & (
+            (k_tok[None, :] < S) | (k_tok[None, :] >= o[:, None]))
+        mask = None if bool(vis.all()) else vis
+        sink_cols = None if q_pos_sink is None else (k_tok < S)
+        dev = torch.device(device)
+        mv = (lambda x: None if x is None else x.to(dev, non_blocking=True))
+        return Plan(n_new=n_new, start=t0, write_first=write_first, read_len=read_len,
+                    write_slots=mv(write_slots), write_src=mv(survivors - t0), capacity=min(t_last + 1, self.size),
+                    k_tokens=k_tok, k_pos=mv(k_pos), q_pos=mv(q_pos), q_pos_sink=mv(q_pos_sink),
+                    sink_cols=mv(sink_cols), mask=mv(mask),
+                    decode_slot=int(write_slots[0]) if n_new == 1 and write_slots.numel() else None)
+
+    def state(self) -> dict:
+        return {"seen": self.seen, "slot_token": self.slot_token.clone()}
+
+    def load_state(self, st: dict) -> None:
+        self.seen = int(st["seen"])
+        self.slot_token = st["slot_token"].clone().long()

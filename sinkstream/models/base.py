@@ -1,0 +1,73 @@
+"""What every model family shares: building from a config dict, the cache hook-up, norms."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..cache import CacheConfig, LayerSpec, make_cache
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm computed in float32. `offset=1` for Gemma, whose weights are stored minus one."""
+
+    def __init__(self, dim: int, eps: float = 1e-6, offset: float = 0.0):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps, self.offset = eps, offset
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.offset:
+            return (xf * (self.offset + self.weight.float())).to(x.dtype)
+        return self.weight * xf.to(x.dtype)
+
+
+class CausalLM(nn.Module):
+    """Base of every family. Subclasses build their layers and implement `layer_specs` and `forward_layers`.
+
+    `forward(input_ids, cache)` -> float32 logits [batch, n, vocab]. Without a cache the pass is plain
+    causal attention over input_ids (a throwaway dense cache), which is what the parity tests compare.
+    """
+
+    config = None  # the family's config dataclass
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @property
+    def max_context(self) -> int:
+        return int(self.config.max_position_embeddings)
+
+    def layer_specs(self) -> list[LayerSpec]:
+        raise NotImplementedError
+
+    def make_cache(self, config: CacheConfig | None = None, *, batch: int = 1):
+        return make_cache(self, config, batch=batch)
+
+    def forward(self, input_ids: torch.Tensor, cache=None) -> torch.Tensor:
+        if cache is None:
+            from ..cache import StreamCache
+            cache = StreamCache(CacheConfig("dense"), self.layer_specs(), batch=input_ids.shape[0],
+                                dtype=self.dtype, device=self.device, max_context=input_ids.shape[1])
+        plans = cache.begin(input_ids.shape[1])
+        return self.forward_layers(input_ids, cache.layers, plans).float()
+
+    def forward_layers(self, input_ids, kv_layers, plans) -> torch.Tensor:
+        raise NotImplementedError
+
+    def prepare_state_dict(self, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Map a HF state dict onto this module's names (families override for fused/renamed tensors)."""
+        return sd
+
+    def tie_weights(self) -> None:
+        """Re-share tied tensors after loading (loading assigns new Parameters)."""
+
+    @classmethod
+    def from_hf_config(cls, cfg: dict) -> "CausalLM":
+        return cls(cls.config_class.from_dict(cfg))

@@ -1,0 +1,116 @@
+"""The one rotary-embedding implementation. Models and caches both use it; nothing else rotates.
+
+Keys are stored in the cache *before* rotation. At attention time every key is rotated to the in-cache
+position its cache policy assigns (see `sinkstream.cache.plan`), and every query likewise. Because RoPE
+scores depend only on position differences, this is what makes a ring buffer with sinks behave like the
+paper's re-indexed cache while positions stay below sinks + window + chunk, however long the stream.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class RopeConfig:
+    head_dim: int
+    rotary_dim: int  # < head_dim for partial rotary (Phi, GPT-NeoX); the tail is left unrotated
+    base: float = 10000.0
+    scaling: dict | None = None  # HF rope_scaling / rope_parameters dict ("rope_type": linear, llama3, ...)
+    interleaved: bool = False  # GPT-J style pairs (x0,x1),(x2,x3); False = rotate_half (Llama/HF)
+
+    @staticmethod
+    def from_hf(cfg: dict, head_dim: int, rotary_dim: int | None = None, *, base_key: str = "rope_theta",
+                default_base: float = 10000.0) -> "RopeConfig":
+        """Read theta and scaling from either the transformers-5 `rope_parameters` or the older keys."""
+        params = dict(cfg.get("rope_parameters") or {})
+        scaling = cfg.get("rope_scaling") or None
+        base = params.get("rope_theta", cfg.get(base_key, default_base))
+        if scaling is None and params.get("rope_type", "default") != "default":
+            scaling = params
+        if scaling is not None:
+            scaling = dict(scaling)
+            scaling.setdefault("rope_type", scaling.get("type", "default"))
+            if scaling["rope_type"] == "default":
+                scaling = None
+        if rotary_dim is None:
+            rotary_dim = int(head_dim * cfg.get("partial_rotary_factor", 1.0))
+        mpe = cfg.get("max_position_embeddings")
+        if scaling is not None and mpe is not None:
+            scaling.setdefault("max_position_embeddings", mpe)
+        return RopeConfig(head_dim, rotary_dim, float(base), _freeze(scaling))
+
+
+def _freeze(d):
+    return None if d is None else dict(sorted(d.items()))
+
+
+def inverse_frequencies(cfg: RopeConfig) -> tuple[torch.Tensor, float]:
+    """inv_freq [rotary_dim/2] in float64 and the attention scaling factor applied to cos/sin."""
+    dim = cfg.rotary_dim
+    inv = 1.0 / (cfg.base ** (torch.arange(0, dim, 2, dtype=torch.float64, device="cpu") / dim))
+    s = cfg.scaling or {}
+    kind = s.get("rope_type", "default")
+    if kind == "default":
+        return inv, 1.0
+    if kind == "linear":
+        return inv / float(s["factor"]), 1.0
+    if kind == "llama3":
+        factor = float(s["factor"])
+        low, high = float(s.get("low_freq_factor", 1.0)), float(s.get("high_freq_factor", 4.0))
+        old_ctx = float(s.get("original_max_position_embeddings", 8192))
+        low_wavelen, high_wavelen = old_ctx / low, old_ctx / high
+        wavelen = 2 * math.pi / inv
+        scaled = torch.where(wavelen > low_wavelen, inv / factor, inv)
+        smooth = (old_ctx / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        mid = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+        return torch.where(mid, smoothed, scaled), 1.0
+    if kind == "longrope":
+        # Phi-3 "su"/longrope: per-dimension rescale factors; short factors inside the original context.
+        # Positions here never exceed the cache size, so the short factors apply unless the cache is larger.
+        orig = float(s.get("original_max_position_embeddings") or s.get("max_position_embeddings"))
+        mpe = float(s.get("max_position_embeddings", orig))
+        ext = torch.tensor(s["short_factor"], dtype=torch.float64, device="cpu")
+        scale = mpe / orig
+        attn = s.get("attention_factor")
+        if attn is None:
+            attn = 1.0 if scale <= 1.0 else math.sqrt(1 + math.log(scale) / math.log(orig))
+        return inv / ext, float(attn)
+    raise ValueError(f"unsupported rope scaling type {kind!r} (supported: default, linear, llama3, longrope)")
+
+
+class Rotary(torch.nn.Module):
+    """cos/sin for arbitrary integer positions, and their application to queries or keys."""
+
+    def __init__(self, cfg: RopeConfig, device=None):
+        super().__init__()
+        self.cfg = cfg
+        inv, self.attention_scaling = inverse_frequencies(cfg)
+        self.register_buffer("inv_freq", inv.to(device), persistent=False)
+
+    def tables(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions: [n] ints -> cos, sin: [n, rotary_dim] (angles in float64: exact for any position)."""
+        ang = positions.to(self.inv_freq.device, torch.float64)[:, None] * self.inv_freq[None, :]
+        if self.cfg.interleaved:
+            ang = ang.repeat_interleave(2, dim=-1)
+        else:
+            ang = torch.cat([ang, ang], dim=-1)
+        s = self.attention_scaling
+        return (ang.cos() * s).to(dtype), (ang.sin() * s).to(dtype)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, interleaved: bool = False) -> torch.Tensor:
+    """x: [batch, heads, n, head_dim]; cos/sin: [n, rotary_dim]. Rotates the first rotary_dim dims."""
+    rd = cos.shape[-1]
+    xr, rest = (x, None) if rd == x.shape[-1] else (x[..., :rd], x[..., rd:])
+    if interleaved:
+        x1, x2 = xr[..., 0::2], xr[..., 1::2]
+        rot = torch.stack((-x2, x1), dim=-1).flatten(-2)
+    else:
+        half = rd // 2
+        rot = torch.cat((-xr[..., half:], xr[..., :half]), dim=-1)
+    out = xr * cos + rot * sin
+    return out if rest is None else torch.cat((out, rest), dim=-1)

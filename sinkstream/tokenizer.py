@@ -1,0 +1,76 @@
+"""Tokenizer, chat template and a streaming detokenizer that never splits a UTF-8 character."""
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def load_tokenizer(folder: str | Path):
+    from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
+    hf_logging.set_verbosity_error()
+    return AutoTokenizer.from_pretrained(str(folder))
+
+
+def eos_token_ids(tokenizer, model_config=None) -> set[int]:
+    """Every id that ends a reply: the tokenizer's EOS, the config's (may be a list), and end-of-turn marks."""
+    ids: set[int] = set()
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    gen = getattr(tokenizer, "generation_eos_ids", None)
+    if gen:
+        ids.update(gen)
+    vocab = tokenizer.get_vocab()
+    for mark in ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "<|endoftext|>"):
+        if mark in vocab:
+            ids.add(vocab[mark])
+    return ids
+
+
+def render_chat(tokenizer, messages: list[dict], *, add_generation_prompt: bool = True) -> str:
+    """Render messages with the model's own chat template (transformers renders it in a Jinja sandbox)."""
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    # No template: a plain transcript, so base models still work.
+    text = "".join(f"{m['role'].capitalize()}: {m['content']}\n" for m in messages)
+    return text + ("Assistant:" if add_generation_prompt else "")
+
+
+class StreamingDetokenizer:
+    """Feed token ids one at a time; `add` returns the new text that is safe to print.
+
+    Decodes a short sliding span of tokens and emits only the part beyond what was already printed,
+    holding text back while it ends in an incomplete UTF-8 sequence (U+FFFD). Cost per token is bounded.
+    """
+
+    def __init__(self, tokenizer, *, skip_special_tokens: bool = True):
+        self.tokenizer = tokenizer
+        self.skip = skip_special_tokens
+        self.tokens: list[int] = []
+        self.prefix = 0   # decoding starts here (context so spaces decode right)
+        self.read = 0     # tokens up to here are printed
+        self.text = ""    # everything printed so far
+
+    def _decode(self, ids):
+        return self.tokenizer.decode(ids, skip_special_tokens=self.skip)
+
+    def add(self, token: int) -> str:
+        self.tokens.append(int(token))
+        before = self._decode(self.tokens[self.prefix:self.read])
+        after = self._decode(self.tokens[self.prefix:])
+        if after.endswith("\ufffd") or len(after) <= len(before) and not after.startswith(before):
+            return ""  # wait for the rest of the character
+        piece = after[len(before):]
+        self.prefix, self.read = self.read, len(self.tokens)
+        if self.prefix > 64:  # keep the lists short on an endless stream
+            self.tokens = self.tokens[self.prefix:]
+            self.read -= self.prefix
+            self.prefix = 0
+        self.text += piece
+        return piece
+
+    def flush(self) -> str:
+        """Whatever is still held back (e.g. a truncated character at the very end)."""
+        rest = self._decode(self.tokens[self.prefix:])[len(self._decode(self.tokens[self.prefix:self.read])):]
+        self.read = len(self.tokens)
+        self.text += rest
+        return rest
