@@ -1,0 +1,17 @@
+"""sinkstream: run a pretrained LLM on an endless stream in constant memory and time per token.
+
+    import sinkstream
+    model, tokenizer = sinkstream.load()              # SmolLM2-135M-Instruct by default
+    s = sinkstream.Session(model, tokenizer, sinkstream.CacheConfig("sink", sinks=4, window=1020))
+    for r in s.chat("Tell me a story"):
+        print(r.text, end="", flush=True)
+"""
+from .cache import CacheConfig
+from .errors import SinkstreamError
+from .generate import generate, stream_generate
+from .loading import load
+from .sampling import SamplingConfig
+from .session import Session
+
+__all__ = ["load", "Session", "CacheConfig", "SamplingConfig", "stream_generate", "generate", "SinkstreamError"]
+__version__ = "0.1.0"

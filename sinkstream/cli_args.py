@@ -1,0 +1,85 @@
+"""Flags shared by every subcommand (model, cache, sampling) and turning them into core objects."""
+from __future__ import annotations
+
+import argparse
+
+from .cache import POLICIES, CacheConfig
+from .errors import SinkstreamError
+from .sampling import SamplingConfig
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--model", "-m", default=None,
+                   help="a .gguf file, a Hugging Face folder, or a short name (default: smollm2)")
+    g.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:1, mps")
+    g.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16")
+
+
+def add_cache_args(p: argparse.ArgumentParser, *, default_policy: str = "sink", extra_policies=()) -> None:
+    g = p.add_argument_group("cache")
+    g.add_argument("--cache", default=default_policy, choices=list(POLICIES) + list(extra_policies),
+                   help="KV policy: sink = StreamingLLM (default), window, dense, recompute")
+    g.add_argument("--sinks", type=int, default=4, help="attention-sink tokens kept for ever (default 4)")
+    g.add_argument("--window", type=int, default=1020, help="recent tokens kept (default 1020)")
+    g.add_argument("--prefill-chunk", type=int, default=512, help="tokens per forward pass in long prompts")
+
+
+def add_sampling_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("sampling")
+    g.add_argument("--temp", "--temperature", dest="temperature", type=float, default=0.0,
+                   help="0 = greedy (default)")
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--min-p", type=float, default=0.0)
+    g.add_argument("--repetition-penalty", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=None)
+
+
+def cache_config(args) -> CacheConfig:
+    try:
+        return CacheConfig(args.cache, sinks=args.sinks, window=args.window,
+                           prefill_chunk=getattr(args, "prefill_chunk", 512))
+    except ValueError as e:
+        raise SinkstreamError(str(e)) from None
+
+
+def sampling_config(args) -> SamplingConfig:
+    try:
+        return SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+                              repetition_penalty=args.repetition_penalty, seed=args.seed)
+    except ValueError as e:
+        raise SinkstreamError(str(e)) from None
+
+
+def load_model(args):
+    """(model, tokenizer) for --model/--device/--dtype."""
+    import torch
+
+    from .loading import load
+    if getattr(args, "seed", None) is not None:
+        torch.manual_seed(args.seed)
+    return load(args.model, dtype=args.dtype, device=args.device)
+
+
+class Progress:
+    """A tqdm bar for long prefills/evals, on stderr, only when the work is long enough to matter."""
+
+    def __init__(self, desc: str, *, min_total: int = 1024, disable: bool = False):
+        self.desc, self.min_total, self.disable, self.bar = desc, min_total, disable, None
+
+    def __call__(self, done: int, total: int) -> None:
+        if self.disable or total < self.min_total:
+            return
+        if self.bar is None:
+            from tqdm import tqdm
+            self.bar = tqdm(total=total, desc=self.desc, unit="tok", leave=False)
+        self.bar.n = done
+        self.bar.refresh()
+        if done >= total:
+            self.close()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
