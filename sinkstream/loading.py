@@ -216,6 +216,7 @@ def load(model: str | os.PathLike | None = None, *, dtype: str | torch.dtype | N
         config = json.loads((folder / "config.json").read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise ModelLoadError(f"cannot read {folder / 'config.json'}: {e}") from None
+    model_class(config.get("model_type", "?"))  # unsupported architecture: say so before reading weights
     dev = pick_device(device)
     dt = pick_dtype(dtype, dev)
     net = build_model(config, _read_safetensors(folder), dtype=dt, device=dev)
