@@ -16,6 +16,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Plan, *, sca
     distance (ALiBi). Sink columns use ``plan.q_pos_sink`` when a chunk needs it (see cache/plan.py);
     for RoPE this is done with one SDPA call by stacking two rotations of q along the feature axis.
     """
+    k, v, plan = plan.extend(q, k, v)  # retrieval memory adds blocks picked by q; a no-op otherwise
     mask = plan.mask
     q_sink = None
     if rotary is not None:

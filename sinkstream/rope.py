@@ -36,10 +36,11 @@ class RopeConfig:
             if scaling["rope_type"] == "default":
                 scaling = None
         if rotary_dim is None:
-            rotary_dim = int(head_dim * cfg.get("partial_rotary_factor", 1.0))
-        mpe = cfg.get("max_position_embeddings")
-        if scaling is not None and mpe is not None:
-            scaling.setdefault("max_position_embeddings", mpe)
+            rotary_dim = int(head_dim * params.get("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0)))
+        if scaling is not None:  # older configs (Phi-3) keep the original context at the top level
+            for key in ("max_position_embeddings", "original_max_position_embeddings"):
+                if cfg.get(key) is not None:
+                    scaling.setdefault(key, cfg[key])
         return RopeConfig(head_dim, rotary_dim, float(base), _freeze(scaling))
 
 
@@ -48,9 +49,10 @@ def _freeze(d):
 
 
 def inverse_frequencies(cfg: RopeConfig) -> tuple[torch.Tensor, float]:
-    """inv_freq [rotary_dim/2] in float64 and the attention scaling factor applied to cos/sin."""
+    """inv_freq [rotary_dim/2] (float32, computed as the reference implementations do) and the attention
+    scaling factor applied to cos/sin."""
     dim = cfg.rotary_dim
-    inv = 1.0 / (cfg.base ** (torch.arange(0, dim, 2, dtype=torch.float64, device="cpu") / dim))
+    inv = 1.0 / (cfg.base ** (torch.arange(0, dim, 2, dtype=torch.int64, device="cpu").float() / dim))
     s = cfg.scaling or {}
     kind = s.get("rope_type", "default")
     if kind == "default":
@@ -68,13 +70,14 @@ def inverse_frequencies(cfg: RopeConfig) -> tuple[torch.Tensor, float]:
         smoothed = (1 - smooth) * scaled / factor + smooth * scaled
         mid = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
         return torch.where(mid, smoothed, scaled), 1.0
-    if kind == "longrope":
+    if kind in ("longrope", "su"):
         # Phi-3 "su"/longrope: per-dimension rescale factors; short factors inside the original context.
-        # Positions here never exceed the cache size, so the short factors apply unless the cache is larger.
+        # In-cache positions stay below the cache size, so the short factors apply (transformers switches
+        # to the long ones only once a sequence is longer than the original context).
         orig = float(s.get("original_max_position_embeddings") or s.get("max_position_embeddings"))
         mpe = float(s.get("max_position_embeddings", orig))
-        ext = torch.tensor(s["short_factor"], dtype=torch.float64, device="cpu")
-        scale = mpe / orig
+        ext = torch.tensor(s["short_factor"], dtype=torch.float32, device="cpu")
+        scale = float(s.get("factor") or mpe / orig)
         attn = s.get("attention_factor")
         if attn is None:
             attn = 1.0 if scale <= 1.0 else math.sqrt(1 + math.log(scale) / math.log(orig))
@@ -92,8 +95,12 @@ class Rotary(torch.nn.Module):
         self.register_buffer("inv_freq", inv.to(device), persistent=False)
 
     def tables(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions: [n] ints -> cos, sin: [n, rotary_dim] (angles in float64: exact for any position)."""
-        ang = positions.to(self.inv_freq.device, torch.float64)[:, None] * self.inv_freq[None, :]
+        """positions: [n] ints -> cos, sin: [n, rotary_dim].
+
+        Angles are float32 products, as in the reference implementations the models were trained with
+        (our logits match theirs bit for bit); in-cache positions stay small, so float32 stays precise.
+        """
+        ang = positions.to(self.inv_freq.device, torch.float32)[:, None] * self.inv_freq[None, :].float()
         if self.cfg.interleaved:
             ang = ang.repeat_interleave(2, dim=-1)
         else:

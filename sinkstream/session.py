@@ -41,6 +41,7 @@ class Session:
     cache_config: CacheConfig = field(default_factory=CacheConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     system: str | None = None
+    extra: dict = field(default_factory=dict)  # the caller's JSON-able metadata, saved with the session
 
     def __post_init__(self):
         self.reset()
@@ -130,7 +131,7 @@ class Session:
             tensors["rng"] = gen.get_state().cpu()
         meta = {"version": FORMAT_VERSION, "cache": asdict(self.cache_config), "sampling": asdict(self.sampling),
                 "system": self.system, "pending": self.pending, "turns": self.turns, "last_reply": self.last_reply,
-                "messages": self.messages[-64:]}
+                "messages": self.messages[-64:], "extra": self.extra}
         digest = hashlib.sha256()
         for k in sorted(tensors):
             digest.update(k.encode())
@@ -174,4 +175,5 @@ class Session:
             s.sampler.generator.set_state(tensors["rng"])
         s.pending, s.turns, s.last_reply = meta["pending"], meta["turns"], meta["last_reply"]
         s.messages = meta["messages"]
+        s.extra = meta.get("extra", {})
         return s

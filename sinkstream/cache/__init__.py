@@ -8,6 +8,7 @@ plan)` (store and return what layer i attends to), `run(model, ids)` (feed token
 * ``window``    the most recent W tokens (the baseline that collapses once the first token leaves)
 * ``sink``      StreamingLLM: the first S tokens for ever + the most recent W
 * ``recompute`` sliding window with re-computation: every step re-encodes the last W tokens from scratch
+* ``memory``    ``sink`` + a retrieval memory of evicted blocks, top-k recalled per layer (cache/memory.py)
 
 Positions follow the contract written in `sinkstream.cache.plan`.
 """
@@ -20,7 +21,8 @@ import torch
 from .kv import KVBuffer
 from .plan import Plan, RingSlots
 
-POLICIES = ("dense", "window", "sink", "recompute")
+POLICIES = ("dense", "window", "sink", "recompute", "memory")
+REPRESENTATIVES = ("attention", "mean")
 
 
 @dataclass(frozen=True)
@@ -30,6 +32,12 @@ class CacheConfig:
     sinks: int = 4
     window: int = 1020
     prefill_chunk: int = 512  # tokens per forward pass when a prompt is longer
+    # memory policy only: evicted tokens form blocks of `block_size`; each layer recalls `top_k` of them
+    block_size: int = 64
+    top_k: int = 4
+    memory_budget: int | None = None  # bytes of block K/V kept in RAM before spilling to disk; None = no limit
+    memory_dir: str | None = None     # where spilled blocks go (a temporary folder when None)
+    representative: str = "attention"  # block keys scored against queries: "attention" (most attended) or "mean"
 
     def __post_init__(self):
         if self.policy not in POLICIES:
@@ -40,12 +48,22 @@ class CacheConfig:
             raise ValueError(f"window must be at least 1 token, got {self.window}")
         if self.prefill_chunk < 1:
             raise ValueError("prefill_chunk must be >= 1")
+        if self.policy == "memory":
+            if self.block_size < 1 or self.top_k < 1:
+                raise ValueError(f"block_size and top_k must be >= 1, got {self.block_size} and {self.top_k}")
+            if self.memory_budget is not None and self.memory_budget < 0:
+                raise ValueError(f"memory_budget must be >= 0 bytes, got {self.memory_budget}")
+            if self.representative not in REPRESENTATIVES:
+                raise ValueError(f"unknown representative {self.representative!r} "
+                                 f"(choose from {', '.join(REPRESENTATIVES)})")
 
     def describe(self) -> str:
         if self.policy == "dense":
             return "dense"
         if self.policy == "sink":
             return f"sink({self.sinks},{self.window})"
+        if self.policy == "memory":
+            return f"memory({self.sinks},{self.window},{self.top_k}x{self.block_size})"
         return f"{self.policy}({self.window})"
 
 
@@ -85,7 +103,7 @@ class StreamCache:
             # The model never looks further back than its own window on this layer: a plain ring of it.
             if c.policy == "dense" or c.window + c.sinks >= spec.sliding_window:
                 return (0, spec.sliding_window, False)
-            return (c.sinks if c.policy == "sink" else 0, c.window, False)
+            return (c.sinks if c.policy in ("sink", "memory") else 0, c.window, False)
         if c.policy == "dense":
             return (0, self.max_context, True)
         if c.policy == "window":
@@ -209,5 +227,9 @@ def make_cache(model, config: CacheConfig | None = None, *, batch: int = 1):
                                 device=model.device, max_context=model.max_context)
     if config.policy == "recompute":
         return RecomputeCache(config, dense)
+    if config.policy == "memory":
+        from .memory import MemoryCache  # imports this module
+        return MemoryCache(config, model.layer_specs(), batch=batch, dtype=model.dtype, device=model.device,
+                           max_context=model.max_context)
     return StreamCache(config, model.layer_specs(), batch=batch, dtype=model.dtype, device=model.device,
                        max_context=model.max_context)

@@ -59,6 +59,11 @@ class Plan:
             self._rope[key] = (tk, tq, ts)
         return self._rope[key]
 
+    def extend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, "Plan"]:
+        """Keys chosen by the query itself join the view here (the retrieval memory, cache/memory.py, overrides
+        this); every other policy attends to exactly what `update` returned."""
+        return k, v, self
+
 
 class RingSlots:
     """Slot bookkeeping of one cache group: ``sinks`` kept for ever plus a ring of ``window`` recent tokens.

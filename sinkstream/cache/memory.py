@@ -1,0 +1,336 @@
+"""Retrieval memory (the InfLLM / ReKV idea): a sink cache that can recall what has left its window.
+
+What is kept. Exactly what ``sink(S, W)`` keeps (same ring, same slots), plus every token that leaves the
+window: its un-rotated K/V go into an open *block*; a full block of ``block_size`` (B) tokens is finalized
+into the `BlockStore` (CPU RAM up to ``memory_budget`` bytes, then files on disk) and leaves behind, on the
+model's device, a few *representative keys* per kv head:
+
+* ``representative="attention"`` (InfLLM): the ``REP_KEYS`` keys of the block that received the most
+  attention while they were in the window. Attention here is softmax(q·k/√d) of un-rotated queries and keys,
+  summed over queries and over the query heads of each kv head (the same distance-0 score retrieval uses);
+* ``representative="mean"``: the block's mean key.
+
+What is attended. In every pass each layer scores the blocks finalized before the pass: per query head
+and query, a block's score is its best representative (max over them) under q·r/√d, turned into a softmax
+over blocks; the votes of a kv head's query heads and of all the chunk's queries are summed. Each kv head
+then attends to sinks + its own top-k blocks + the window. Blocks from this pass's evictions join the
+memory after the pass (they are still in the window for some of its queries); a block still being filled
+is not retrievable yet, so up to B tokens just past the window may be invisible for a while.
+
+Positions (extending the contract of `sinkstream.cache.plan`). Retrieved blocks are treated like more
+sinks: with ``R = k*B`` retrieved columns, sink ``s`` sits at ``s``, retrieved column ``j`` (blocks in stream
+order within each kv head, tokens in order within a block) at ``S + j``, and the window is shifted right by
+R: window token ``u`` at ``S + R + u - b``, the query at ``S + R + t - b``. Retrieved columns use the sink
+query rotation ``S + R + t - o_t``, so every query sees all of memory just past its window (InfLLM gives all
+memory the distance of the window) and a chunk matches token-by-token decoding. Positions stay below
+``S + k*B + W + C`` for ever. With no block finalized yet, nothing is added: ``memory`` is ``sink`` exactly.
+
+How it plugs in. Model code is unchanged: `MemoryCache.begin` hands each memory layer a `MemoryPlan`;
+``kv.update(k, v, plan)`` stores K/V in the ring and collects the tokens it evicts; ``attend`` calls
+``plan.extend(q, k, v)``, where the layer, now holding the queries, scores its blocks and returns the view
+with the retrieved blocks appended plus the extended plan (built once per pass, shared by all layers).
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+
+from . import CacheConfig, LayerSpec, StreamCache
+from .blockstore import BlockStore
+from .kv import KVBuffer
+from .plan import Plan, RingSlots
+
+REP_KEYS = 4  # representative keys per block and kv head, representative="attention"
+
+
+@dataclass
+class MemoryPlan(Plan):
+    """One memory layer's plan: the group's Plan plus this pass's evictions and the retrieval plan."""
+    evict_slots: torch.Tensor | None = None  # [m_old] ring slots whose tokens leave the window in this pass
+    evict_src: torch.Tensor | None = None    # [m_new] new tokens of this pass that leave it within the pass
+    evict_cols: torch.Tensor | None = None   # [m] view columns of those tokens (read-then-write passes only)
+    blocks: int = 0                          # blocks finalized before this pass: the ones retrievable
+    extended: Plan | None = None             # plan over [view, retrieved columns]; None when blocks == 0
+    layer: MemoryLayer | None = None
+
+    def extend(self, q, k, v):
+        return self.layer.extend(q, k, v, self)
+
+
+class MemoryLayer:
+    """One attention layer's ring (a `KVBuffer`), its open block, representative keys and retrieval buffer."""
+
+    def __init__(self, index: int, ring: KVBuffer, config: CacheConfig, store: BlockStore):
+        self.index, self.ring, self.store = index, ring, store
+        self.block_size, self.top_k = config.block_size, config.top_k
+        self.by_attention = config.representative == "attention"
+        self.reps_per_block = min(REP_KEYS, config.block_size) if self.by_attention else 1
+        _, heads, slots, head_dim = ring.k.shape
+        dv = ring.v.shape[-1]
+        dev, dt, B = ring.k.device, ring.k.dtype, config.block_size
+        self.scale = head_dim ** -0.5
+        # attention received by each ring slot's token so far: [kv_heads, slots]
+        self.acc = torch.zeros(heads, slots, device=dev) if self.by_attention else None
+        self.open_k = torch.zeros(heads, B, head_dim, dtype=dt, device=dev)
+        self.open_v = torch.zeros(heads, B, dv, dtype=dt, device=dev)
+        self.open_acc = torch.zeros(heads, B, device=dev)
+        self.open_fill = 0
+        self.blocks = 0
+        self.reps = torch.zeros(heads, 64 * self.reps_per_block, head_dim, dtype=dt, device=dev)  # grows
+        # what is currently retrieved: [1, kv_heads, top_k * B, d] and the block index in each (head, slot)
+        self.ret_k = torch.zeros(1, heads, self.top_k * B, head_dim, dtype=dt, device=dev)
+        self.ret_v = torch.zeros(1, heads, self.top_k * B, dv, dtype=dt, device=dev)
+        self.ret_ids = [[-1] * self.top_k for _ in range(heads)]
+        self.pending = None  # (k [kv_heads, m, d], v, acc [kv_heads, m]) evicted in this pass
+
+    # --- the per-layer protocol ---------------------------------------------------------------------
+    def update(self, k_new: torch.Tensor, v_new: torch.Tensor, plan: MemoryPlan):
+        """Store this pass's K/V like a sink cache, keeping (not dropping) the tokens that leave the window."""
+        parts = []
+        if plan.evict_slots.numel():
+            s = plan.evict_slots
+            parts.append((self.ring.k[0][:, s], self.ring.v[0][:, s],
+                          self.acc[:, s] if self.acc is not None else None))
+        if plan.evict_src.numel():
+            i = plan.evict_src
+            parts.append((k_new[0][:, i], v_new[0][:, i],
+                          torch.zeros(k_new.shape[1], i.numel(), device=k_new.device) if self.acc is not None
+                          else None))
+        if parts:
+            self.pending = (torch.cat([p[0] for p in parts], 1), torch.cat([p[1] for p in parts], 1),
+                            None if self.acc is None else torch.cat([p[2] for p in parts], 1))
+        view = self.ring.update(k_new, v_new, plan)
+        if self.acc is not None and plan.write_slots.numel():
+            self.acc[:, plan.write_slots] = 0
+        return view
+
+    def extend(self, q, k, v, plan: MemoryPlan):
+        """Called by `attend` with this pass's queries: update attention received, file evictions, retrieve."""
+        heads = k.shape[1]
+        # q: [1, heads * g, C, d] -> [kv_heads, g * C, d], query heads grouped by the kv head they read
+        qg = q[0].reshape(heads, -1, q.shape[-1])
+        if self.acc is not None:
+            self._accumulate(qg, k, plan)
+        if self.pending is not None:
+            self._file(*self.pending)
+            self.pending = None
+        if plan.extended is None:
+            return k, v, plan
+        R = min(self.top_k, plan.blocks) * self.block_size
+        self._retrieve(qg, plan.blocks)
+        return (torch.cat([k, self.ret_k[:, :, :R]], dim=2), torch.cat([v, self.ret_v[:, :, :R]], dim=2),
+                plan.extended)
+
+    # --- internals ----------------------------------------------------------------------------------
+    def _accumulate(self, qg, k, plan: MemoryPlan) -> None:
+        s = torch.matmul(qg, k[0].transpose(1, 2)).float() * self.scale  # [kv_heads, g*C, Lk]
+        if plan.mask is not None:
+            g = qg.shape[1] // plan.mask.shape[0]
+            s = s.masked_fill(~plan.mask.repeat(g, 1), float("-inf"))
+        p = s.softmax(-1).sum(1)  # [kv_heads, Lk]
+        n = plan.read_len
+        self.acc[:, :n] += p[:, :n]
+        if not plan.write_first:
+            # view = old ring [:n] + new tokens; overwritten slots now hold new tokens (acc reset in update)
+            if plan.write_slots.numel():
+                self.acc[:, plan.write_slots] = p[:, n + plan.write_src]
+            if self.pending is not None:
+                self.pending[2].add_(p[:, plan.evict_cols])
+
+    def _file(self, k, v, acc) -> None:
+        """Append evicted tokens (in stream order) to the open block, finalizing each full block."""
+        B, m, i = self.block_size, k.shape[1], 0
+        while i < m:
+            take = min(B - self.open_fill, m - i)
+            sl = slice(self.open_fill, self.open_fill + take)
+            self.open_k[:, sl] = k[:, i:i + take]
+            self.open_v[:, sl] = v[:, i:i + take]
+            if acc is not None:
+                self.open_acc[:, sl] = acc[:, i:i + take]
+            self.open_fill += take
+            i += take
+            if self.open_fill == B:
+                self._finalize()
+
+    def _finalize(self) -> None:
+        r, n = self.reps_per_block, self.blocks
+        if self.by_attention:
+            top = self.open_acc.topk(r, dim=1).indices  # [kv_heads, r]
+            rep = self.open_k.gather(1, top[..., None].expand(-1, -1, self.open_k.shape[-1]))
+        else:
+            rep = self.open_k.float().mean(1, keepdim=True).to(self.open_k.dtype)
+        if (n + 1) * r > self.reps.shape[1]:
+            grown = self.reps.new_zeros(self.reps.shape[0], 2 * self.reps.shape[1], self.reps.shape[2])
+            grown[:, :n * r] = self.reps[:, :n * r]
+            self.reps = grown
+        self.reps[:, n * r:(n + 1) * r] = rep
+        self.store.put(self.index, n, self.open_k.clone(), self.open_v.clone())
+        self.blocks += 1
+        self.open_fill = 0
+        self.open_acc.zero_()
+
+    def _retrieve(self, qg, blocks: int) -> None:
+        """Fill ret_k/ret_v with each kv head's top-k blocks (in stream order), copying only what changed."""
+        r, heads, B = self.reps_per_block, qg.shape[0], self.block_size
+        kk = min(self.top_k, blocks)
+        s = torch.matmul(qg, self.reps[:, :blocks * r].transpose(1, 2)).float() * self.scale
+        s = s.view(heads, qg.shape[1], blocks, r).amax(-1)  # [kv_heads, g*C, blocks]
+        votes = s.softmax(-1).sum(1)  # [kv_heads, blocks]
+        chosen = votes.topk(kk, dim=-1).indices.sort(-1).values.tolist()
+        for h, row in enumerate(chosen):
+            for j, n in enumerate(row):
+                if self.ret_ids[h][j] != n:
+                    bk, bv = self.store.get(self.index, n)
+                    self.ret_k[0, h, j * B:(j + 1) * B] = bk[h]
+                    self.ret_v[0, h, j * B:(j + 1) * B] = bv[h]
+                    self.ret_ids[h][j] = n
+
+    # --- accounting and persistence -----------------------------------------------------------------
+    @property
+    def nbytes(self) -> int:
+        ts = [self.open_k, self.open_v, self.open_acc, self.reps, self.ret_k, self.ret_v]
+        if self.acc is not None:
+            ts.append(self.acc)
+        return self.ring.nbytes + sum(t.numel() * t.element_size() for t in ts)
+
+    def state(self, used: int) -> dict[str, torch.Tensor]:
+        r, n, f = self.reps_per_block, self.blocks, self.open_fill
+        out = self.ring.state(used)
+        blocks = [self.store.get(self.index, i) for i in range(n)]
+        out.update(open_k=self.open_k[:, :f].clone(), open_v=self.open_v[:, :f].clone(),
+                   open_acc=self.open_acc[:, :f].clone(), reps=self.reps[:, :n * r].clone(),
+                   blocks_k=torch.stack([b[0] for b in blocks]) if blocks else
+                   torch.zeros(0, *self.store.k_shape, dtype=self.store.dtype),
+                   blocks_v=torch.stack([b[1] for b in blocks]) if blocks else
+                   torch.zeros(0, *self.store.v_shape, dtype=self.store.dtype))
+        if self.acc is not None:
+            out["acc"] = self.acc.clone()
+        return {k: t.cpu() for k, t in out.items()}
+
+    def load_state(self, st: dict[str, torch.Tensor]) -> None:
+        """Restore into a fresh layer (its store empty)."""
+        self.ring.load_state(st)
+        f = st["open_k"].shape[1]
+        self.open_k[:, :f] = st["open_k"].to(self.open_k)
+        self.open_v[:, :f] = st["open_v"].to(self.open_v)
+        self.open_acc.zero_()
+        self.open_acc[:, :f] = st["open_acc"].to(self.open_acc)
+        self.open_fill = f
+        if self.acc is not None and "acc" in st:
+            self.acc.copy_(st["acc"])
+        n, r = st["blocks_k"].shape[0], self.reps_per_block
+        self.reps = self.reps.new_zeros(self.reps.shape[0], max(64, 2 * n) * r, self.reps.shape[2])
+        self.reps[:, :n * r] = st["reps"].to(self.reps)
+        for i in range(n):
+            self.store.put(self.index, i, st["blocks_k"][i], st["blocks_v"][i])
+        self.blocks = n
+        self.ret_ids = [[-1] * self.top_k for _ in self.ret_ids]
+
+
+class MemoryCache(StreamCache):
+    """``sink(S, W)`` plus a retrieval memory of evicted blocks on every global attention layer.
+
+    Layers with the model's own sliding window never look past it and stay plain ring buffers.
+    """
+
+    def __init__(self, config: CacheConfig, specs: list[LayerSpec], *, batch: int = 1, dtype=torch.float32,
+                 device="cpu", max_context: int = 8192):
+        if batch != 1:
+            raise ValueError("the memory cache serves one stream (batch 1)")
+        super().__init__(config, specs, batch=batch, dtype=dtype, device=device, max_context=max_context)
+        self.memory_key = (config.sinks, config.window, False)
+        self.specs, self.kv_dtype = specs, dtype
+        self.memory_layers = [i for i, s in enumerate(specs) if s.sliding_window is None]
+        self.store = self._new_store(specs)
+        for i in self.memory_layers:
+            self.layers[i] = MemoryLayer(i, self.layers[i], config, self.store)
+
+    def _new_store(self, specs) -> BlockStore:
+        c = self.config
+        if not self.memory_layers:
+            return BlockStore(0, 1, c.block_size, 1, 1, dtype=torch.float32)
+        spec = specs[self.memory_layers[0]]
+        return BlockStore(len(specs), spec.kv_heads, c.block_size, spec.head_dim, spec.v_head_dim or spec.head_dim,
+                          dtype=self.kv_dtype, budget=c.memory_budget, directory=c.memory_dir,
+                          hot_blocks=4 * c.top_k * len(self.memory_layers))
+
+    @property
+    def blocks(self) -> int:
+        """Blocks of evicted tokens in memory (per layer)."""
+        return self.layers[self.memory_layers[0]].blocks if self.memory_layers else 0
+
+    def begin(self, n_new: int) -> list[Plan]:
+        if not self.memory_layers:
+            return super().begin(n_new)
+        self.store.enforce_budget()  # between passes every layer holds the same blocks
+        ring: RingSlots = self.groups[self.memory_key]
+        S, W, t0 = ring.sinks, ring.window, ring.seen
+        # tokens leaving the window in this pass: [lo, hi); those before t0 sit in ring slots
+        lo, hi = max(S, t0 - W), max(S, t0 + n_new - W)
+        old = torch.arange(lo, max(lo, min(hi, t0)))
+        new = torch.arange(max(lo, t0), max(lo, t0, hi)) - t0
+        plans = super().begin(n_new)
+        base = plans[self.memory_layers[0]]
+        dev = self.device
+        evict_slots = ring.slot_of(old)
+        evict_cols = None if base.write_first else torch.cat([evict_slots, base.read_len + new]).to(dev)
+        blocks = self.blocks
+        extended = self._extended(base, ring, blocks) if blocks else None
+        common = {f.name: getattr(base, f.name) for f in dataclasses.fields(Plan)}
+        common.update(evict_slots=evict_slots.to(dev), evict_src=new.to(dev), evict_cols=evict_cols,
+                      blocks=blocks, extended=extended)
+        for i in self.memory_layers:
+            plans[i] = MemoryPlan(**common, layer=self.layers[i])
+        return plans
+
+    def _extended(self, base: Plan, ring: RingSlots, blocks: int) -> Plan:
+        """The plan over [view, R retrieved columns]: positions as in the module docstring."""
+        S, R, dev = ring.sinks, min(self.config.top_k, blocks) * self.config.block_size, self.device
+        t = torch.arange(base.start, base.start + base.n_new)
+        o = ring.oldest(t)
+        tok = base.k_tokens
+        window = (tok >= S).to(dev)
+        q_pos = base.q_pos + R
+        q_sink = (S + R + t - o).to(dev)
+        q_pos_sink = None if bool((q_sink == q_pos).all()) else q_sink
+        retrieved = torch.ones(R, dtype=torch.bool, device=dev)
+        return Plan(n_new=base.n_new, start=base.start, write_first=base.write_first, read_len=base.read_len,
+                    write_slots=base.write_slots, write_src=base.write_src, capacity=base.capacity,
+                    k_tokens=torch.cat([tok, torch.full((R,), -1, dtype=tok.dtype)]),
+                    k_pos=torch.cat([base.k_pos + R * window, S + torch.arange(R, device=dev)]),
+                    q_pos=q_pos, q_pos_sink=q_pos_sink,
+                    sink_cols=None if q_pos_sink is None else torch.cat([~window, retrieved]),
+                    mask=None if base.mask is None else
+                    torch.cat([base.mask, retrieved.expand(base.n_new, R)], dim=1))
+
+    # --- protocol -------------------------------------------------------------------------------------
+    @property
+    def cached(self) -> int:
+        return super().cached + min(self.config.top_k, self.blocks) * self.config.block_size
+
+    @property
+    def capacity(self) -> int:
+        return super().capacity + self.config.top_k * self.config.block_size
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes in RAM / on the device: rings, representative keys, retrieval buffers, RAM-held blocks."""
+        return super().nbytes + self.store.nbytes
+
+    @property
+    def disk_bytes(self) -> int:
+        return self.store.disk_bytes
+
+    def load_state(self, st: dict[str, torch.Tensor]) -> None:
+        self.store.close()
+        self.store = self._new_store(self.specs)
+        for gi, slots in enumerate(self.groups.values()):
+            slots.load_state({"seen": int(st[f"group{gi}.seen"][0]), "slot_token": st[f"group{gi}.slot_token"]})
+        for li, layer in enumerate(self.layers):
+            if isinstance(layer, MemoryLayer):
+                layer.store = self.store
+            prefix = f"layer{li}."
+            layer.load_state({k[len(prefix):]: v for k, v in st.items() if k.startswith(prefix)})
+        self.store.enforce_budget()

@@ -1,0 +1,406 @@
+"""The HTTP app: OpenAI-compatible endpoints, session endpoints, health and metrics.
+
+`create_app(settings)` returns a FastAPI app that loads the model in a background thread (GET /health
+answers 503 until it is ready). The handlers only translate HTTP <-> `Turn`/`Event`; the work happens in
+`engine.Engine` on the one worker thread. See docs/SERVER.md for the API.
+"""
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import secrets
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fastapi import FastAPI, Header, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ..cache import CacheConfig
+from ..sampling import SamplingConfig
+from .engine import Engine
+from .errors import ApiError
+from .metrics import Metrics
+from .schemas import ChatCompletionRequest, CompletionRequest, Limits, SessionCreate, to_turn
+from .sessions import SessionStore, check_id
+from .worker import Event, Job, Worker
+
+log = logging.getLogger("sinkstream.server")
+
+
+@dataclass
+class Settings:
+    model: str | None = None                # path or short name, as for sinkstream.load
+    model_id: str = "smollm2"               # the name clients use in "model"
+    device: str = "auto"
+    dtype: str = "auto"
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)  # defaults for omitted fields
+    state_dir: str | None = None            # None: a temporary folder, sessions end with the process
+    api_key: str | None = None
+    limits: Limits = field(default_factory=Limits)
+
+
+class ServerState:
+    """What the handlers share: the engine once the model is loaded, or why it failed."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.metrics = Metrics()
+        self.engine: Engine | None = None
+        self.error: str | None = None
+        self.tmp: tempfile.TemporaryDirectory | None = None
+
+    def load(self, loader: Callable, on_error: Callable[[str], None]) -> None:
+        s = self.settings
+        try:
+            model, tokenizer = loader(s.model, dtype=s.dtype, device=s.device, quiet=True)
+            folder = s.state_dir
+            if folder is None:
+                self.tmp = tempfile.TemporaryDirectory(prefix="sinkstream-sessions-")
+                folder = self.tmp.name
+            store = SessionStore(folder, model, tokenizer, model_id=s.model_id, cache_config=s.cache,
+                                 sampling=s.sampling, max_live=s.limits.max_live, max_sessions=s.limits.max_sessions)
+            worker = Worker(s.limits.max_queue, on_cancel=self._count_cancel)
+            self.engine = Engine(model, tokenizer, model_id=s.model_id, cache_config=s.cache, store=store,
+                                 worker=worker, metrics=self.metrics, max_prompt_tokens=s.limits.max_prompt_tokens)
+        except Exception as e:  # noqa: BLE001 - reported on /health and by the CLI
+            self.error = f"{type(e).__name__}: {e}" if not str(e).startswith("model") else str(e)
+            on_error(self.error)
+
+    def _count_cancel(self) -> None:
+        with self.metrics.lock:
+            self.metrics.cancelled += 1
+
+    def need(self) -> Engine:
+        if self.engine is None:
+            raise ApiError(503, "the model is still loading" if self.error is None else f"no model: {self.error}",
+                           code="model_loading")
+        return self.engine
+
+    def gauges(self) -> dict:
+        e = self.engine
+        if e is None:
+            return {"sinkstream_ready": ("1 once the model is loaded.", 0)}
+        t = e.store.totals()
+        return {"sinkstream_ready": ("1 once the model is loaded.", 1),
+                "sinkstream_sessions_live": ("Sessions held in memory.", e.store.count_live()),
+                "sinkstream_sessions_on_disk": ("Sessions saved in the state folder.", e.store.count_on_disk()),
+                "sinkstream_queue_depth": ("Requests waiting for the generation worker.", e.worker.depth),
+                "sinkstream_cache_tokens_cached": ("KV tokens held by the live sessions.", t["cached"]),
+                "sinkstream_cache_tokens_capacity": ("KV capacity of the live sessions.", t["capacity"]),
+                "sinkstream_cache_fill_ratio": ("cached / capacity over the live sessions.",
+                                                t["cached"] / t["capacity"] if t["capacity"] else 0),
+                "sinkstream_cache_bytes": ("KV cache memory of the live sessions.", t["bytes"])}
+
+
+class Guard:
+    """ASGI middleware: API key on /v1/*, body size limit (413), request counting for /metrics."""
+
+    def __init__(self, app, state: ServerState):
+        self.app, self.state = app, state
+        self.key = state.settings.api_key
+        self.max_body = state.settings.limits.max_body_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path, method = scope["path"], scope["method"]
+        status = {"code": 500}
+
+        async def counted_send(message):
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        try:
+            error = self._refuse(scope)
+            if error is not None:
+                return await _error_response(error)(scope, receive, counted_send)
+            seen = 0
+
+            async def limited_receive():
+                nonlocal seen
+                message = await receive()
+                if message["type"] == "http.request":
+                    seen += len(message.get("body", b""))
+                    if seen > self.max_body:
+                        raise _TooLarge(self.max_body)
+                return message
+
+            try:
+                await self.app(scope, limited_receive, counted_send)
+            except _TooLarge:
+                await _error_response(self._too_large())(scope, receive, counted_send)
+        finally:
+            route = path if not path.startswith("/v1/sessions/") else "/v1/sessions/{id}"
+            known = route in KNOWN_PATHS
+            self.state.metrics.request(route if known else "other", method, status["code"])
+
+    def _refuse(self, scope) -> ApiError | None:
+        headers = dict(scope["headers"])
+        if self.key and scope["path"].startswith("/v1/"):
+            auth = headers.get(b"authorization", b"").decode("latin-1")
+            scheme, _, token = auth.partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self.key.encode()):
+                return ApiError(401, "missing or wrong API key (send Authorization: Bearer <key>)",
+                                code="invalid_api_key")
+        length = headers.get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.max_body):
+            return self._too_large() if length.isdigit() else ApiError(400, "bad Content-Length header")
+        return None
+
+    def _too_large(self) -> ApiError:
+        return ApiError(413, f"request body is larger than {self.max_body} bytes", code="request_too_large")
+
+
+class _TooLarge(StarletteHTTPException):
+    """Raised while reading a body past the limit (FastAPI passes HTTP exceptions through unchanged)."""
+
+    def __init__(self, limit: int = 0):
+        super().__init__(413, f"request body is larger than {limit} bytes")
+
+
+KNOWN_PATHS = {"/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/completions", "/v1/sessions",
+               "/v1/sessions/{id}", "/openapi.json"}
+
+
+def _error_response(e: ApiError) -> JSONResponse:
+    headers = {"WWW-Authenticate": "Bearer"} if e.status == 401 else None
+    return JSONResponse(e.body(), status_code=e.status, headers=headers)
+
+
+def _sse(obj) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+class ClientGone(Exception):
+    pass
+
+
+async def _next_event(job: Job, request: Request) -> Event:
+    """The job's next event; cancels the job if the client disconnects while we wait."""
+    while True:
+        try:
+            return await asyncio.wait_for(job.events.get(), timeout=0.5)
+        except asyncio.TimeoutError:
+            if await request.is_disconnected():
+                job.cancel()
+                raise ClientGone() from None
+
+
+def create_app(settings: Settings, *, loader: Callable | None = None,
+               on_load_error: Callable[[str], None] = lambda msg: None) -> FastAPI:
+    """The app; `loader(model, dtype=, device=, quiet=)` -> (model, tokenizer), default sinkstream.load."""
+    state = ServerState(settings)
+
+    async def lifespan(app):
+        from ..loading import load
+        t = threading.Thread(target=state.load, args=(loader or load, on_load_error), daemon=True,
+                             name="sinkstream-load")
+        t.start()
+        yield
+        if state.engine is not None:
+            state.engine.worker.stop()
+        if state.tmp is not None:
+            state.tmp.cleanup()
+
+    app = FastAPI(title="sinkstream", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None,
+                  description="OpenAI-compatible server with endless, persistent sessions (see docs/SERVER.md).")
+    app.state.sinkstream = state
+
+    @app.exception_handler(ApiError)
+    async def api_error(request, e: ApiError):
+        return _error_response(e)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request, e: RequestValidationError):
+        errs = e.errors()
+        first = errs[0] if errs else {}
+        loc = [str(p) for p in first.get("loc", ()) if p not in ("body", "header", "path", "query")]
+        msg = first.get("msg", "invalid request")
+        if first.get("type") == "json_invalid":
+            msg = "the body is not valid JSON"
+        return _error_response(ApiError(400, f"{'.'.join(loc) + ': ' if loc else ''}{msg}",
+                                        param=".".join(loc) or None, code="invalid_value"))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request, e: StarletteHTTPException):
+        codes = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
+        return _error_response(ApiError(e.status_code, str(e.detail), code=codes.get(e.status_code)))
+
+    @app.exception_handler(Exception)
+    async def crashed(request, e: Exception):
+        log.exception("unhandled error")
+        return _error_response(ApiError(500, f"internal error: {type(e).__name__}", code="internal_error"))
+
+    # --- public ---------------------------------------------------------------------------------------
+    @app.get("/health", summary="200 once the model is loaded, 503 before")
+    async def health():
+        if state.engine is None:
+            return JSONResponse({"status": "loading" if state.error is None else "error", "error": state.error},
+                                status_code=503)
+        return {"status": "ok", "model": settings.model_id}
+
+    @app.get("/metrics", response_class=PlainTextResponse, summary="Prometheus metrics")
+    async def metrics():
+        return PlainTextResponse(state.metrics.render(state.gauges()),
+                                 media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    # --- OpenAI ---------------------------------------------------------------------------------------
+    @app.get("/v1/models")
+    async def models():
+        state.need()
+        return {"object": "list", "data": [{"id": settings.model_id, "object": "model", "created": 0,
+                                            "owned_by": "sinkstream"}]}
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, request: Request,
+                               x_session_id: str | None = Header(None, max_length=64)):
+        return await _complete(body, request, x_session_id, "chat")
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request,
+                          x_session_id: str | None = Header(None, max_length=64)):
+        return await _complete(body, request, x_session_id, "text")
+
+    async def _complete(body, request: Request, header_session, kind: str):
+        engine = state.need()
+        turn = to_turn(body, kind=kind, header_session=header_session, defaults=settings.sampling,
+                       limits=settings.limits, model_id=settings.model_id)
+        job = engine.submit(turn, asyncio.get_running_loop())
+        try:
+            first = await _next_event(job, request)
+        except ClientGone:
+            return Response(status_code=499)
+        if first.kind == "error":
+            raise first.error
+        fmt = _Format(kind, settings.model_id)
+        if body.stream:
+            usage = bool(body.stream_options and body.stream_options.include_usage)
+            return StreamingResponse(_stream(job, fmt, usage), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        parts = []
+        while True:
+            try:
+                ev = await _next_event(job, request)
+            except ClientGone:
+                return Response(status_code=499)
+            if ev.kind == "delta":
+                parts.append(ev.text)
+            elif ev.kind == "error":
+                raise ev.error
+            elif ev.kind == "done":
+                return fmt.whole("".join(parts), ev)
+
+    async def _stream(job: Job, fmt: "_Format", include_usage: bool):
+        try:
+            yield _sse(fmt.chunk(role=True, usage_field=include_usage))
+            while True:
+                ev = await job.events.get()
+                if ev.kind == "delta":
+                    yield _sse(fmt.chunk(text=ev.text, usage_field=include_usage))
+                elif ev.kind == "error":
+                    yield _sse(ev.error.body())
+                    break
+                elif ev.kind == "done":
+                    yield _sse(fmt.chunk(finish=ev.finish_reason, usage_field=include_usage, session=ev.session))
+                    if include_usage:
+                        yield _sse(fmt.usage_chunk(ev.usage))
+                    break
+            yield "data: [DONE]\n\n"
+        finally:
+            job.cancel()  # no-op once the job is done; stops generation if the client went away
+
+    # --- sessions -------------------------------------------------------------------------------------
+    @app.post("/v1/sessions", summary="create a session")
+    def create_session(body: SessionCreate | None = None):
+        store = state.need().store
+        body = body or SessionCreate()
+        sid = body.id or None
+        s = store.create(sid, system=body.system)
+        return store.describe(s.extra["id"])
+
+    @app.get("/v1/sessions", summary="list sessions (in memory and on disk)")
+    def list_sessions():
+        store = state.need().store
+        data = []
+        for sid in store.ids():
+            try:
+                data.append(store.describe(sid))
+            except ApiError:  # deleted meanwhile, or damaged: listed by id only
+                data.append({"id": sid, "object": "session", "damaged": True})
+        return {"object": "list", "data": data}
+
+    @app.get("/v1/sessions/{session_id}", summary="inspect a session")
+    def get_session(session_id: str):
+        store = state.need().store
+        return store.describe(check_id(session_id), messages=True)
+
+    @app.delete("/v1/sessions/{session_id}", summary="delete a session")
+    def delete_session(session_id: str):
+        store = state.need().store
+        store.delete(check_id(session_id))
+        return {"id": session_id, "object": "session.deleted", "deleted": True}
+
+    app.add_middleware(Guard, state=state)
+    return app
+
+
+class _Format:
+    """OpenAI's response and chunk shapes for one request (same id and created in every chunk)."""
+
+    def __init__(self, kind: str, model_id: str):
+        self.kind, self.model = kind, model_id
+        self.id = ("chatcmpl-" if kind == "chat" else "cmpl-") + secrets.token_hex(12)
+        self.created = int(time.time())
+
+    def _head(self, obj: str) -> dict:
+        return {"id": self.id, "object": obj, "created": self.created, "model": self.model,
+                "system_fingerprint": None}
+
+    def chunk(self, *, text: str = "", role: bool = False, finish: str | None = None, usage_field: bool = False,
+              session: dict | None = None) -> dict:
+        if self.kind == "chat":
+            delta = {"role": "assistant", "content": ""} if role else ({"content": text} if text else {})
+            out = {**self._head("chat.completion.chunk"),
+                   "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+        else:
+            out = {**self._head("text_completion"),
+                   "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}]}
+        if usage_field:
+            out["usage"] = None
+        if session is not None:
+            out["session"] = session
+        return out
+
+    def usage_chunk(self, usage: dict) -> dict:
+        obj = "chat.completion.chunk" if self.kind == "chat" else "text_completion"
+        return {**self._head(obj), "choices": [], "usage": usage}
+
+    def whole(self, text: str, ev: Event) -> dict:
+        if self.kind == "chat":
+            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                      "finish_reason": ev.finish_reason}
+            out = {**self._head("chat.completion"), "choices": [choice], "usage": ev.usage}
+        else:
+            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": ev.finish_reason}
+            out = {**self._head("text_completion"), "choices": [choice], "usage": ev.usage}
+        if ev.session is not None:
+            out["session"] = ev.session
+        return out
+
+
+def settings_id(model: str | None) -> str:
+    """The id clients use for a model argument: its short name, or the file/folder name."""
+    if model is None:
+        return "smollm2"
+    p = Path(model)
+    return p.stem if p.suffix == ".gguf" else (p.name or str(model))

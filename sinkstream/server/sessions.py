@@ -1,0 +1,230 @@
+"""Server sessions: a few live `Session`s in memory (LRU), every session on disk in the state folder.
+
+A session is the file ``<state-dir>/<id>.safetensors``, written by `Session.save` (write-then-rename, a
+SHA-256 over the tensors): once when it is created and after every completed turn, *before* the client
+is told the turn ended. So the file always holds the last completed turn. A turn that is cancelled,
+fails or dies with the process never reaches the file; undoing it is dropping the live copy, and the
+next request reloads the file. A save killed half-way leaves only a ``.<id>.safetensors.*.tmp`` file,
+which `SessionStore` ignores and removes on start.
+
+Chat history is checked, not stored: ``extra["history"]`` holds the number of messages the session has
+seen and a hash chain over them (role + stripped text), so a client that re-sends its whole history
+(as OpenAI clients do) can be checked against the session in O(1) memory, however long it runs.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import secrets
+import threading
+import time
+from collections import OrderedDict
+from contextlib import contextmanager
+from dataclasses import asdict
+from pathlib import Path
+
+from ..session import Session
+from .errors import ApiError, bad_request
+
+SUFFIX = ".safetensors"
+SESSION_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # no dots or slashes: never a path outside the folder
+HISTORY_START = hashlib.sha256(b"sinkstream chat history").hexdigest()
+RECENT_MESSAGES = 64  # messages kept in memory and on disk for inspection
+
+
+def check_id(sid: str) -> str:
+    if not isinstance(sid, str) or not SESSION_ID.match(sid):
+        raise bad_request("invalid session id: use 1-64 characters from A-Z a-z 0-9 _ -", param="session",
+                          code="invalid_session_id")
+    return sid
+
+
+def new_id() -> str:
+    return "sess_" + secrets.token_hex(12)
+
+
+def chain(digest: str, messages: list[dict]) -> str:
+    """Extend the history hash by `messages` ({"role", "content": str}), ignoring surrounding whitespace."""
+    for m in messages:
+        item = json.dumps([m["role"], m["content"].strip()], ensure_ascii=False)
+        digest = hashlib.sha256((digest + item).encode("utf-8")).hexdigest()
+    return digest
+
+
+def fresh_extra(model_id: str, created: int | None = None) -> dict:
+    return {"model": model_id, "created": created or int(time.time()), "kind": None,
+            "history": {"count": 0, "digest": HISTORY_START}}
+
+
+class SessionStore:
+    """Create, find, save, roll back and delete sessions. Thread-safe; one request per session at a time."""
+
+    def __init__(self, folder: str | Path, model, tokenizer, *, model_id: str, cache_config, sampling,
+                 max_live: int = 8, max_sessions: int = 1000):
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.model, self.tokenizer, self.model_id = model, tokenizer, model_id
+        self.cache_config, self.sampling = cache_config, sampling
+        self.max_live, self.max_sessions = max(1, max_live), max_sessions
+        self.live: OrderedDict[str, Session] = OrderedDict()
+        self.busy: set[str] = set()
+        self.lock = threading.RLock()
+        for tmp in self.folder.glob(f".*{SUFFIX}.*.tmp"):  # saves cut short by a crash
+            tmp.unlink(missing_ok=True)
+
+    # --- names ----------------------------------------------------------------------------------------
+    def path(self, sid: str) -> Path:
+        return self.folder / f"{check_id(sid)}{SUFFIX}"
+
+    def ids(self) -> list[str]:
+        return sorted(p.name[:-len(SUFFIX)] for p in self.folder.glob(f"*{SUFFIX}")
+                      if SESSION_ID.match(p.name[:-len(SUFFIX)]))
+
+    def exists(self, sid: str) -> bool:
+        return self.path(sid).exists()
+
+    def count_on_disk(self) -> int:
+        return len(self.ids())
+
+    def count_live(self) -> int:
+        return len(self.live)
+
+    # --- lifecycle ------------------------------------------------------------------------------------
+    def create(self, sid: str | None = None, *, system: str | None = None) -> Session:
+        with self.lock:
+            sid = check_id(sid) if sid is not None else new_id()
+            if self.exists(sid):
+                raise ApiError(409, f"session {sid!r} already exists", param="id", code="session_exists")
+            if self.count_on_disk() >= self.max_sessions:
+                raise ApiError(429, f"the server holds its limit of {self.max_sessions} sessions; delete some",
+                               code="too_many_sessions")
+            s = Session(self.model, self.tokenizer, self.cache_config, self.sampling)
+            s.extra = fresh_extra(self.model_id)
+            s.extra["id"] = sid
+            if system is not None:
+                s.system = system
+                s.messages = [{"role": "system", "content": system}]
+                s.extra["history"] = {"count": 1, "digest": chain(HISTORY_START, s.messages)}
+            self._save(sid, s)
+            self._keep(sid, s)
+            return s
+
+    def get(self, sid: str) -> Session:
+        """The live session, loading it from disk if it is not in memory (404 if there is none)."""
+        with self.lock:
+            if sid in self.live:
+                self.live.move_to_end(sid)
+                return self.live[sid]
+            path = self.path(sid)
+            if not path.exists():
+                raise ApiError(404, f"session {sid!r} not found", param="session", code="session_not_found")
+            try:
+                s = Session.load(path, self.model, self.tokenizer)
+            except (ValueError, KeyError, RuntimeError) as e:
+                raise ApiError(500, f"session {sid!r} cannot be restored: {e}", code="session_damaged") from None
+            if s.extra.get("model") != self.model_id:
+                raise ApiError(409, f"session {sid!r} was made with model {s.extra.get('model')!r}, "
+                                    f"this server runs {self.model_id!r}", code="session_model_mismatch")
+            self._keep(sid, s)
+            return s
+
+    def commit(self, sid: str, s: Session) -> None:
+        """Persist a completed turn (before the client hears that it completed)."""
+        s.messages = s.messages[-RECENT_MESSAGES:]
+        self._save(sid, s)
+        with self.lock:
+            self._keep(sid, s)
+
+    def rollback(self, sid: str) -> None:
+        """Forget the live copy; the next `get` reloads the last completed turn from disk."""
+        with self.lock:
+            self.live.pop(sid, None)
+
+    def delete(self, sid: str) -> None:
+        with self.lock:
+            path = self.path(sid)
+            if sid in self.busy:
+                raise ApiError(429, f"session {sid!r} is answering a request; try again", code="session_busy")
+            if not path.exists():
+                raise ApiError(404, f"session {sid!r} not found", param="session_id", code="session_not_found")
+            self.live.pop(sid, None)
+            path.unlink()
+
+    @contextmanager
+    def reserve(self, sid: str):
+        """Hold the session for one request; a second concurrent request for it gets 429."""
+        self.acquire(sid)
+        try:
+            yield
+        finally:
+            self.release(sid)
+
+    def acquire(self, sid: str) -> None:
+        with self.lock:
+            if not self.exists(sid):
+                raise ApiError(404, f"session {sid!r} not found", param="session", code="session_not_found")
+            if sid in self.busy:
+                raise ApiError(429, f"session {sid!r} is answering another request", code="session_busy")
+            self.busy.add(sid)
+
+    def release(self, sid: str) -> None:
+        with self.lock:
+            self.busy.discard(sid)
+
+    # --- inspection -----------------------------------------------------------------------------------
+    def describe(self, sid: str, *, messages: bool = False) -> dict:
+        """What a client may see of a session, from memory or from the file's header (no tensors read)."""
+        with self.lock:
+            s = self.live.get(sid)
+            if s is not None:
+                meta = {"extra": s.extra, "turns": s.turns, "messages": s.messages}
+                stats = asdict(s.stats())
+            else:
+                meta = self._header(sid)
+                stats = meta["extra"].get("stats", {})
+        extra = meta["extra"]
+        out = {"id": sid, "object": "session", "created": extra.get("created"), "model": extra.get("model"),
+               "kind": extra.get("kind"), "in_memory": s is not None, "turns": meta["turns"],
+               "messages_seen": extra["history"]["count"], "tokens_seen": stats.get("tokens_seen", 0),
+               "tokens_cached": stats.get("tokens_cached", 0), "cache_capacity": stats.get("capacity"),
+               "cache_bytes": stats.get("cache_bytes", 0), "cache": self.cache_config.describe()}
+        if messages:
+            out["recent_messages"] = meta["messages"][-RECENT_MESSAGES:]
+        return out
+
+    def _header(self, sid: str) -> dict:
+        from safetensors import safe_open
+        path = self.path(sid)
+        if not path.exists():
+            raise ApiError(404, f"session {sid!r} not found", param="session_id", code="session_not_found")
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = json.loads((f.metadata() or {})["sinkstream"])
+            meta.setdefault("extra", fresh_extra("?"))
+            return meta
+        except Exception as e:  # noqa: BLE001 - any unreadable header is a damaged file
+            raise ApiError(500, f"session {sid!r} is damaged: {e}", code="session_damaged") from None
+
+    def totals(self) -> dict:
+        """Cache fill over the live sessions, for /metrics."""
+        with self.lock:
+            stats = [s.stats() for s in self.live.values()]
+        return {"cached": sum(st.tokens_cached for st in stats),
+                "capacity": sum(st.capacity or 0 for st in stats),
+                "bytes": sum(st.cache_bytes for st in stats)}
+
+    # --- internals ------------------------------------------------------------------------------------
+    def _save(self, sid: str, s: Session) -> None:
+        s.extra["stats"] = asdict(s.stats())
+        s.save(self.path(sid))
+
+    def _keep(self, sid: str, s: Session) -> None:
+        """Put `s` at the young end of the LRU and drop the oldest idle sessions beyond max_live."""
+        self.live[sid] = s
+        self.live.move_to_end(sid)
+        for old in list(self.live):
+            if len(self.live) <= self.max_live:
+                break
+            if old not in self.busy and old != sid:
+                del self.live[old]  # already on disk: every completed turn was saved

@@ -1,0 +1,107 @@
+"""One generation thread fed by a bounded queue.
+
+torch on one device gains nothing from several Python threads decoding at once, so every request that
+touches the model runs, in turn, on one worker thread. The HTTP side talks to a `Job` only through its
+event queue (worker -> event loop) and its cancel flag (event loop -> worker, checked between tokens and
+between prefill chunks).
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from .errors import ApiError
+
+log = logging.getLogger("sinkstream.server")
+
+
+class Cancelled(Exception):
+    """Raised inside a job when its client went away."""
+
+
+@dataclass
+class Event:
+    kind: str                       # "start" | "delta" | "done" | "error"
+    text: str = ""
+    finish_reason: str | None = None
+    usage: dict | None = None
+    session: dict | None = None
+    error: ApiError | None = None
+
+
+@dataclass
+class Job:
+    run: Callable[["Job"], Event]   # runs on the worker thread, emits "start"/"delta", returns the last event
+    loop: asyncio.AbstractEventLoop
+    events: asyncio.Queue = field(default_factory=asyncio.Queue)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    submitted: float = field(default_factory=time.perf_counter)
+    on_finish: list[Callable[[], None]] = field(default_factory=list)
+
+    def emit(self, event: Event) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+        except RuntimeError:  # the event loop is gone (server shutting down)
+            self.cancel()
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+
+    def check(self, *_) -> None:
+        """Raise `Cancelled` if the client went away; usable as a prefill progress callback."""
+        if self.cancelled.is_set():
+            raise Cancelled()
+
+
+class Worker:
+    def __init__(self, max_queue: int = 8, *, on_cancel: Callable[[], None] = lambda: None):
+        self.queue: queue.Queue[Job | None] = queue.Queue(maxsize=max(1, max_queue))
+        self.on_cancel = on_cancel
+        self.thread = threading.Thread(target=self._loop, name="sinkstream-generate", daemon=True)
+        self.thread.start()
+
+    @property
+    def depth(self) -> int:
+        return self.queue.qsize()
+
+    def submit(self, job: Job) -> None:
+        try:
+            self.queue.put_nowait(job)
+        except queue.Full:
+            self._finish(job)
+            raise ApiError(503, f"the server is busy ({self.queue.maxsize} requests waiting); retry shortly",
+                           code="queue_full") from None
+
+    def stop(self) -> None:
+        self.queue.put(None)
+        self.thread.join(timeout=10)
+
+    def _loop(self) -> None:
+        while (job := self.queue.get()) is not None:
+            try:
+                job.check()
+                last = job.run(job)
+            except Cancelled:
+                self.on_cancel()
+                last = Event("error", error=ApiError(499, "client closed the request", code="cancelled"))
+            except ApiError as e:
+                last = Event("error", error=e)
+            except Exception as e:  # noqa: BLE001 - one bad request must not stop the worker
+                log.exception("generation failed")
+                last = Event("error", error=ApiError(500, f"generation failed: {type(e).__name__}: {e}",
+                                                     code="generation_failed"))
+            self._finish(job)  # release the session before the client hears the end and sends its next turn
+            job.emit(last)
+
+    @staticmethod
+    def _finish(job: Job) -> None:
+        for fn in job.on_finish:
+            try:
+                fn()
+            except Exception:  # noqa: BLE001
+                log.exception("cleanup failed")
