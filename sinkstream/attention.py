@@ -20,9 +20,10 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Plan, *, sca
     mask = plan.mask
     q_sink = None
     if rotary is not None:
-        (ck, sk), (cq, sq), ts = plan.rope(rotary, q.dtype)
+        tk, (cq, sq), ts = plan.rope(rotary, q.dtype)
         inter = rotary.cfg.interleaved
-        k = apply_rotary(k, ck, sk, interleaved=inter)
+        if tk is not None:  # else the buffer stored them rotated (cache/kv.py)
+            k = apply_rotary(k, tk[0], tk[1], interleaved=inter)
         if ts is not None:
             q_sink = apply_rotary(q, ts[0], ts[1], interleaved=inter)
         q = apply_rotary(q, cq, sq, interleaved=inter)

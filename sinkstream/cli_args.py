@@ -19,10 +19,33 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 def add_cache_args(p: argparse.ArgumentParser, *, default_policy: str = "sink", extra_policies=()) -> None:
     g = p.add_argument_group("cache")
     g.add_argument("--cache", default=default_policy, choices=list(POLICIES) + list(extra_policies),
-                   help="KV policy: sink = StreamingLLM (default), window, dense, recompute")
+                   help="KV policy: sink = StreamingLLM (default), window, dense, recompute, "
+                        "memory = sink + recall of evicted blocks")
     g.add_argument("--sinks", type=int, default=4, help="attention-sink tokens kept for ever (default 4)")
     g.add_argument("--window", type=int, default=1020, help="recent tokens kept (default 1020)")
     g.add_argument("--prefill-chunk", type=int, default=512, help="tokens per forward pass in long prompts")
+    m = p.add_argument_group("memory cache (--cache memory)")
+    m.add_argument("--block-size", type=int, default=64, help="evicted tokens per memory block (default 64)")
+    # not --top-k: that flag is the sampler's
+    m.add_argument("--memory-top-k", type=int, default=4, help="blocks each layer recalls per step (default 4)")
+    m.add_argument("--memory-budget", type=parse_size, default=None, metavar="BYTES",
+                   help="RAM for evicted blocks before they spill to disk, e.g. 512M, 2G (default: no limit)")
+    m.add_argument("--memory-dir", default=None, help="folder for spilled blocks (default: a temporary folder)")
+    m.add_argument("--representative", default="attention", choices=["attention", "mean"],
+                   help="keys a block is found by: the most attended (default) or the mean key")
+
+
+def parse_size(text: str) -> int:
+    """`4096`, `512K`, `512M`, `1.5G`, `2GiB` -> bytes (binary units)."""
+    t = text.strip().upper().removesuffix("IB").removesuffix("B")
+    mult = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}.get(t[-1:], 1)
+    try:
+        value = float(t[:-1] if mult > 1 else t)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (use e.g. 512M or 2G)") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"size must be >= 0, got {text!r}")
+    return int(value * mult)
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -39,7 +62,11 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
 def cache_config(args) -> CacheConfig:
     try:
         return CacheConfig(args.cache, sinks=args.sinks, window=args.window,
-                           prefill_chunk=getattr(args, "prefill_chunk", 512))
+                           prefill_chunk=getattr(args, "prefill_chunk", 512),
+                           block_size=getattr(args, "block_size", 64), top_k=getattr(args, "memory_top_k", 4),
+                           memory_budget=getattr(args, "memory_budget", None),
+                           memory_dir=getattr(args, "memory_dir", None),
+                           representative=getattr(args, "representative", "attention"))
     except ValueError as e:
         raise SinkstreamError(str(e)) from None
 

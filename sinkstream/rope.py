@@ -93,20 +93,41 @@ class Rotary(torch.nn.Module):
         self.cfg = cfg
         inv, self.attention_scaling = inverse_frequencies(cfg)
         self.register_buffer("inv_freq", inv.to(device), persistent=False)
+        self._tables: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def tables(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions: [n] ints -> cos, sin: [n, rotary_dim].
+        """positions: [n] ints -> cos, sin: [n, rotary_dim], looked up in a table that grows by doubling.
 
         Angles are float32 products, as in the reference implementations the models were trained with
         (our logits match theirs bit for bit); in-cache positions stay small, so float32 stays precise.
         """
-        ang = positions.to(self.inv_freq.device, torch.float32)[:, None] * self.inv_freq[None, :].float()
+        positions = positions.to(self.inv_freq.device)
+        if positions.numel() and int(positions.min()) < 0:  # a re-base rotates backwards: rare, compute it
+            return self._compute(positions, dtype)
+        need = int(positions.max()) + 1 if positions.numel() else 1
+        table = self._tables.get(dtype)
+        if table is None or table[0].shape[0] < need:
+            size = max(need, 2 * table[0].shape[0] if table is not None else 4096)
+            table = self._compute(torch.arange(size, device=self.inv_freq.device), dtype)
+            self._tables[dtype] = table
+        return table[0][positions], table[1][positions]
+
+    def shift(self, delta: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin [1, rotary_dim] that move an already rotated vector by `delta` positions (no scaling)."""
+        return self._compute(torch.tensor([delta], device=self.inv_freq.device), dtype, scaled=False)
+
+    def _compute(self, positions: torch.Tensor, dtype: torch.dtype, *, scaled: bool = True):
+        ang = positions.to(torch.float32)[:, None] * self.inv_freq[None, :].float()
         if self.cfg.interleaved:
             ang = ang.repeat_interleave(2, dim=-1)
         else:
             ang = torch.cat([ang, ang], dim=-1)
-        s = self.attention_scaling
+        s = self.attention_scaling if scaled else 1.0
         return (ang.cos() * s).to(dtype), (ang.sin() * s).to(dtype)
+
+    def _apply(self, fn, *args, **kwargs):  # .to(device) etc.: drop tables built on the old device
+        self._tables = {}
+        return super()._apply(fn, *args, **kwargs)
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, interleaved: bool = False) -> torch.Tensor:

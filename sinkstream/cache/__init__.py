@@ -74,10 +74,13 @@ class LayerSpec:
     head_dim: int
     v_head_dim: int | None = None
     sliding_window: int | None = None  # the model's own local window for this layer (Gemma 3 local, Mistral)
+    rotary: object = None  # the layer's Rotary: lets bounded caches store keys pre-rotated (cache/plan.py)
 
 
 class StreamCache:
     """Ring-buffer caches (dense/window/sink) for every layer of a model, grouped by slot layout."""
+
+    PREROTATE = ("dense", "window", "sink")  # policies whose buffers store keys rotated (see cache/plan.py)
 
     def __init__(self, config: CacheConfig, specs: list[LayerSpec], *, batch: int = 1, dtype=torch.float32,
                  device="cpu", max_context: int = 8192):
@@ -87,15 +90,17 @@ class StreamCache:
         self.layer_group: list[tuple] = []
         self.layers: list[KVBuffer] = []
         for spec in specs:
-            key = self._slots_for(spec)
+            rotary = spec.rotary if config.policy in self.PREROTATE else None
+            key = self._slots_for(spec) + (rotary,)
+            sinks, window, growable, _ = key
             if key not in self.groups:
-                sinks, window, growable = key
-                self.groups[key] = RingSlots(sinks, window, growable=growable, name=config.policy)
+                self.groups[key] = RingSlots(sinks, window, growable=growable, name=config.policy,
+                                             lazy_base=rotary is not None)
             self.layer_group.append(key)
-            sinks, window, growable = key
             slots = min(256, sinks + window) if growable else sinks + window
             self.layers.append(KVBuffer(batch, spec.kv_heads, spec.head_dim, slots, dtype=dtype, device=device,
-                                        max_slots=sinks + window, v_head_dim=spec.v_head_dim))
+                                        max_slots=sinks + window, v_head_dim=spec.v_head_dim, rotary=rotary,
+                                        sinks=sinks))
 
     def _slots_for(self, spec: LayerSpec) -> tuple[int, int, bool]:
         c = self.config
@@ -127,6 +132,22 @@ class StreamCache:
                 progress(min(i + chunk, n), n)
         return outs[-1] if logits == "last" else torch.cat(outs, dim=1)
 
+    def raw_keys(self, layer: int) -> torch.Tensor:
+        """Layer `layer`'s stored keys [batch, kv_heads, slots, head_dim] as the model produced them
+        (un-rotated), slot by slot: for inspection, tests and policies that need positionless keys."""
+        buf, slots = self.layers[layer], self.groups[self.layer_group[layer]]
+        k = buf.k[:, :, :slots.size].clone()
+        if buf.rotary is None:
+            return k
+        S, tok = slots.sinks, slots.slot_token[:k.shape[2]]
+        pos = (S + tok - slots.base).clamp(min=0).to(k.device)
+        cos, sin = buf.rotary._compute(-pos, k.dtype, scaled=False)
+        from ..rope import apply_rotary
+        k = apply_rotary(k, cos, sin, interleaved=buf.rotary.cfg.interleaved) / buf.rotary.attention_scaling
+        if S:
+            k[:, :, :S] = buf.sink_k
+        return k
+
     @property
     def seen(self) -> int:
         return next(iter(self.groups.values())).seen
@@ -151,6 +172,7 @@ class StreamCache:
         out: dict[str, torch.Tensor] = {}
         for gi, (key, slots) in enumerate(self.groups.items()):
             out[f"group{gi}.seen"] = torch.tensor([slots.seen])
+            out[f"group{gi}.base"] = torch.tensor([slots.base])
             out[f"group{gi}.slot_token"] = slots.slot_token.clone()
         for li, (layer, key) in enumerate(zip(self.layers, self.layer_group)):
             for name, t in layer.state(self.groups[key].filled).items():
@@ -159,9 +181,10 @@ class StreamCache:
 
     def load_state(self, st: dict[str, torch.Tensor]) -> None:
         for gi, slots in enumerate(self.groups.values()):
-            slots.load_state({"seen": int(st[f"group{gi}.seen"][0]), "slot_token": st[f"group{gi}.slot_token"]})
+            slots.load_state({"seen": int(st[f"group{gi}.seen"][0]), "base": int(st[f"group{gi}.base"][0]),
+                              "slot_token": st[f"group{gi}.slot_token"]})
         for li, layer in enumerate(self.layers):
-            layer.load_state({"k": st[f"layer{li}.k"], "v": st[f"layer{li}.v"]})
+            layer.load_state({k.split(".", 1)[1]: v for k, v in st.items() if k.startswith(f"layer{li}.")})
 
 
 class RecomputeCache:

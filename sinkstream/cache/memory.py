@@ -13,9 +13,10 @@ model's device, a few *representative keys* per kv head:
 What is attended. In every pass each layer scores the blocks finalized before the pass: per query head
 and query, a block's score is its best representative (max over them) under q·r/√d, turned into a softmax
 over blocks; the votes of a kv head's query heads and of all the chunk's queries are summed. Each kv head
-then attends to sinks + its own top-k blocks + the window. Blocks from this pass's evictions join the
-memory after the pass (they are still in the window for some of its queries); a block still being filled
-is not retrievable yet, so up to B tokens just past the window may be invisible for a while.
+then attends to sinks + its own top-k blocks + the window. A block is retrievable from the first decode step
+after it fills; in a pass of several tokens only blocks filled before the pass count (its early queries
+still see some of its evictions in the window). A block still being filled is not retrievable, so up to B
+tokens just past the window are invisible until their block is full.
 
 Positions (extending the contract of `sinkstream.cache.plan`). Retrieved blocks are treated like more
 sinks: with ``R = k*B`` retrieved columns, sink ``s`` sits at ``s``, retrieved column ``j`` (blocks in stream
@@ -51,7 +52,7 @@ class MemoryPlan(Plan):
     evict_slots: torch.Tensor | None = None  # [m_old] ring slots whose tokens leave the window in this pass
     evict_src: torch.Tensor | None = None    # [m_new] new tokens of this pass that leave it within the pass
     evict_cols: torch.Tensor | None = None   # [m] view columns of those tokens (read-then-write passes only)
-    blocks: int = 0                          # blocks finalized before this pass: the ones retrievable
+    blocks: int = 0                          # blocks retrievable in this pass
     extended: Plan | None = None             # plan over [view, retrieved columns]; None when blocks == 0
     layer: MemoryLayer | None = None
 
@@ -240,9 +241,9 @@ class MemoryCache(StreamCache):
         if batch != 1:
             raise ValueError("the memory cache serves one stream (batch 1)")
         super().__init__(config, specs, batch=batch, dtype=dtype, device=device, max_context=max_context)
-        self.memory_key = (config.sinks, config.window, False)
         self.specs, self.kv_dtype = specs, dtype
         self.memory_layers = [i for i, s in enumerate(specs) if s.sliding_window is None]
+        self.memory_key = self.layer_group[self.memory_layers[0]] if self.memory_layers else None
         self.store = self._new_store(specs)
         for i in self.memory_layers:
             self.layers[i] = MemoryLayer(i, self.layers[i], config, self.store)
@@ -276,7 +277,10 @@ class MemoryCache(StreamCache):
         dev = self.device
         evict_slots = ring.slot_of(old)
         evict_cols = None if base.write_first else torch.cat([evict_slots, base.read_len + new]).to(dev)
-        blocks = self.blocks
+        # A decode step's evicted token is already out of its query's window: its block may be recalled at
+        # once. A longer pass still shows some of its evictions to its early queries: only older blocks.
+        blocks = (hi if base.write_first else lo) - S
+        blocks = blocks // self.config.block_size
         extended = self._extended(base, ring, blocks) if blocks else None
         common = {f.name: getattr(base, f.name) for f in dataclasses.fields(Plan)}
         common.update(evict_slots=evict_slots.to(dev), evict_src=new.to(dev), evict_cols=evict_cols,
@@ -306,6 +310,19 @@ class MemoryCache(StreamCache):
                     torch.cat([base.mask, retrieved.expand(base.n_new, R)], dim=1))
 
     # --- protocol -------------------------------------------------------------------------------------
+    def run(self, model, input_ids: torch.Tensor, *, logits: str = "last", progress=None) -> torch.Tensor:
+        """As `StreamCache.run`, but chunks are at most the window: a chunk's queries share one retrieval, and
+        a question at the end of a long chunk would be outvoted by the text before it."""
+        chunk = max(1, min(self.config.prefill_chunk, self.config.window))
+        n, outs = input_ids.shape[1], []
+        for i in range(0, n, chunk):
+            out = model(input_ids[:, i:i + chunk], self)
+            outs.append(out[:, -1:] if logits == "last" else out)
+            if progress is not None:
+                progress(min(i + chunk, n), n)
+        self.store.enforce_budget()  # also at the end, so an idle session sits within its budget
+        return outs[-1] if logits == "last" else torch.cat(outs, dim=1)
+
     @property
     def cached(self) -> int:
         return super().cached + min(self.config.top_k, self.blocks) * self.config.block_size
@@ -324,13 +341,10 @@ class MemoryCache(StreamCache):
         return self.store.disk_bytes
 
     def load_state(self, st: dict[str, torch.Tensor]) -> None:
+        """Restore `state()`: ring buffers as `StreamCache` does, memory blocks into a fresh store."""
         self.store.close()
         self.store = self._new_store(self.specs)
-        for gi, slots in enumerate(self.groups.values()):
-            slots.load_state({"seen": int(st[f"group{gi}.seen"][0]), "slot_token": st[f"group{gi}.slot_token"]})
-        for li, layer in enumerate(self.layers):
-            if isinstance(layer, MemoryLayer):
-                layer.store = self.store
-            prefix = f"layer{li}."
-            layer.load_state({k[len(prefix):]: v for k, v in st.items() if k.startswith(prefix)})
+        for i in self.memory_layers:
+            self.layers[i].store = self.store
+        super().load_state(st)
         self.store.enforce_budget()

@@ -20,6 +20,15 @@ below ``S + W + C``.
 
 ``dense`` is the same with ``S = 0`` and ``W`` = the model's context (an error once it is full); ``window``
 is ``S = 0``.
+
+Rotation offset. RoPE scores depend only on the difference of the query's and the key's positions, so every
+position above may carry one common offset: the Plan places window keys at ``S + u - base`` and the query at
+``S + t - base``, and gives sinks ``s + (o_t0 - base)``; all *differences* are exactly the in-cache ones.
+Caches that rotate keys at attention time use ``base = o_t0`` each pass (the plain formulas). Pre-rotating
+caches (``lazy_base=True``, the default for dense/window/sink) store window keys already rotated and keep
+``base`` fixed, so a decode step rotates one new key and the S sinks instead of the whole cache; once
+``t - base`` reaches ``2W`` they re-base (rotate the stored window back by ``delta``, once per W tokens, a
+key is re-rotated at most twice in its life) so positions stay below ``S + 2W + C``.
 """
 from __future__ import annotations
 
@@ -47,21 +56,25 @@ class Plan:
     sink_cols: torch.Tensor | None  # [Lk] bool, columns that use q_pos_sink
     mask: torch.Tensor | None       # [C, Lk] bool, True = may attend; None = everything visible
     decode_slot: int | None = None  # the one slot written by a single-token pass (no device sync needed)
+    keys_rotated: bool = False      # the view's keys come rotated from the buffer (lazy-base caches)
+    rebase: int = 0                 # pre-rotated caches: rotate stored window keys by -rebase before this pass
+    new_pos: torch.Tensor | None = None   # [C] rotation positions of the new keys
+    sink_pos: torch.Tensor | None = None  # [S] rotation positions of the sink keys for this pass
     _rope: dict = field(default_factory=dict, repr=False)
 
     def rope(self, rotary, dtype: torch.dtype):
-        """cos/sin for keys, queries and sink-column queries; computed once per pass per rotary module."""
+        """cos/sin for keys (None when the buffer stored them rotated), queries and sink-column queries;
+        computed once per pass per rotary module and shared by every layer using it."""
         key = (id(rotary), dtype)
         if key not in self._rope:
-            tk = rotary.tables(self.k_pos, dtype)
+            tk = None if self.keys_rotated else rotary.tables(self.k_pos, dtype)
             tq = rotary.tables(self.q_pos, dtype)
             ts = None if self.q_pos_sink is None else rotary.tables(self.q_pos_sink, dtype)
             self._rope[key] = (tk, tq, ts)
         return self._rope[key]
 
-    def extend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, "Plan"]:
-        """Keys chosen by the query itself join the view here (the retrieval memory, cache/memory.py, overrides
-        this); every other policy attends to exactly what `update` returned."""
+    def extend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        """Hook for per-layer additions to the view (the retrieval memory adds recalled blocks); no-op here."""
         return k, v, self
 
 
@@ -71,13 +84,16 @@ class RingSlots:
     Holds only integers (stream length and which token each slot holds); layer buffers hold the tensors.
     """
 
-    def __init__(self, sinks: int, window: int, *, growable: bool = False, name: str = "sink"):
+    def __init__(self, sinks: int, window: int, *, growable: bool = False, name: str = "sink",
+                 lazy_base: bool = False):
         if sinks < 0:
             raise ValueError(f"sinks must be >= 0, got {sinks}")
         if window < 1:
             raise ValueError(f"window must be >= 1, got {window}")
         self.sinks, self.window, self.growable, self.name = sinks, window, growable, name
+        self.lazy_base = lazy_base
         self.seen = 0
+        self.base = sinks  # rotation offset (see the module docstring)
         self.slot_token = torch.full((sinks + window,), -1, dtype=torch.long)
 
     @property
@@ -105,9 +121,16 @@ class RingSlots:
                 "use --cache sink to stream past the model's context")
         t = torch.arange(t0, t0 + n_new)
         o = self.oldest(t)
-        b = o[0]
+        o0 = int(o[0])
+        rebase = 0
+        if not self.lazy_base:
+            self.base = o0
+        elif t_last - self.base >= 2 * W:
+            rebase, self.base = o0 - self.base, o0
+        b = self.base
+        shift = o0 - b
         q_pos = S + t - b
-        q_pos_sink = None if (S == 0 or bool((o == b).all())) else S + t - o
+        q_pos_sink = None if (S == 0 or bool((o == o0).all())) else S + t - o + shift
         survivors = t[(t < S) | (t >= t_last - W + 1)]
         write_slots = self.slot_of(survivors)
         write_first = n_new == 1 or t_last < self.size
@@ -120,7 +143,8 @@ class RingSlots:
             k_tok = torch.cat([self.slot_token[:read_len], t])
             self.slot_token[write_slots] = survivors
         self.seen = t_last + 1
-        k_pos = torch.where(k_tok < S, k_tok, S + k_tok - b).clamp(min=0)
+        k_pos = torch.where(k_tok < S, k_tok + shift, S + k_tok - b).clamp(min=0)
+        new_pos = torch.where(t < S, t + shift, S + t - b)
         vis = (k_tok[None, :] >= 0) & (k_tok[None, :] <= t[:, None]) & (
             (k_tok[None, :] < S) | (k_tok[None, :] >= o[:, None]))
         mask = None if bool(vis.all()) else vis
@@ -131,11 +155,14 @@ class RingSlots:
                     write_slots=mv(write_slots), write_src=mv(survivors - t0), capacity=min(t_last + 1, self.size),
                     k_tokens=k_tok, k_pos=mv(k_pos), q_pos=mv(q_pos), q_pos_sink=mv(q_pos_sink),
                     sink_cols=mv(sink_cols), mask=mv(mask),
-                    decode_slot=int(write_slots[0]) if n_new == 1 and write_slots.numel() else None)
+                    decode_slot=int(write_slots[0]) if n_new == 1 and write_slots.numel() else None,
+                    keys_rotated=self.lazy_base, rebase=rebase, new_pos=mv(new_pos),
+                    sink_pos=mv(torch.arange(S) + shift) if S else None)
 
     def state(self) -> dict:
-        return {"seen": self.seen, "slot_token": self.slot_token.clone()}
+        return {"seen": self.seen, "base": self.base, "slot_token": self.slot_token.clone()}
 
     def load_state(self, st: dict) -> None:
         self.seen = int(st["seen"])
+        self.base = int(st.get("base", self.sinks))
         self.slot_token = st["slot_token"].clone().long()

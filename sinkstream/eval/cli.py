@@ -160,7 +160,7 @@ def _bench(args) -> int:
     from . import bench, plots
     model, tok = _load(args)
     rows = bench.run(model, _configs(args), tokens=args.tokens, points=_ints(args.points) if args.points else None,
-                     decode_steps=args.decode_steps, chunk=args.prefill_chunk, progress=_bar(args))
+                     decode_steps=args.decode_steps, chunk=args.prefill_chunk, seed=args.seed, progress=_bar(args))
     peers = []
     if args.peers:
         peers = bench.peer_rows(args.model, positions=[r["position"] for r in rows if r["cache"] != "recompute"],

@@ -34,19 +34,22 @@ def _widen(plan: Plan, sinks: int, window: int) -> Plan:
     """The ``chunked`` view of a pass: no band, every new query sees the whole pre-chunk cache.
 
     Only passes that read the cache before writing (a chunk arriving at a full ring) differ from the
-    banded plan; there the oldest cached window token is ``b = max(S, t0 - W)`` and keys sit at
-    contiguous positions after the sinks: ``S + u - b``.
+    banded plan. There the keys are laid out contiguously: sinks, then the cached window from its oldest
+    token ``b' = max(S, t0 - W)``, then the chunk. Positions keep the plan's rotation base ``b`` (queries
+    and window keys at ``S + u - b``, as stored), so only the sinks move: to ``s + (b' - b)``.
     """
     if plan.write_first:
         return plan  # single tokens, or chunks before the ring is full: nothing to widen
     t = torch.arange(plan.start, plan.start + plan.n_new)
-    b = max(sinks, plan.start - window)
-    k_tok = plan.k_tokens
     dev = plan.q_pos.device
-    k_pos = torch.where(k_tok < sinks, k_tok, sinks + k_tok - b)
-    mask = k_tok[None, :] <= t[:, None]
-    return dataclasses.replace(plan, k_pos=k_pos.to(dev), q_pos=(sinks + t - b).to(dev), q_pos_sink=None,
-                               sink_cols=None, mask=mask.to(dev), _rope={})
+    b = sinks + plan.start - int(plan.q_pos[0])  # query t sits at S + t - b
+    shift = max(sinks, plan.start - window) - b
+    k_tok = plan.k_tokens
+    changes = dict(k_pos=torch.where(k_tok < sinks, k_tok + shift, sinks + k_tok - b).to(dev), q_pos_sink=None,
+                   sink_cols=None, mask=(k_tok[None, :] <= t[:, None]).to(dev), _rope={})
+    if getattr(plan, "sink_pos", None) is not None:  # caches that rotate sinks separately
+        changes["sink_pos"] = (torch.arange(sinks) + shift).to(dev)
+    return dataclasses.replace(plan, **changes)
 
 
 @torch.inference_mode()

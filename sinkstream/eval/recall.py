@@ -15,7 +15,6 @@ import random
 import re
 from pathlib import Path
 
-import torch
 
 from ..cache import CacheConfig
 from ..errors import ContextOverflowError, SinkstreamError

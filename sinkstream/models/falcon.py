@@ -156,7 +156,7 @@ class Backbone(nn.Module):
         self.ln_f = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_epsilon)
 
 
-@register("falcon", "RefinedWeb", "RefinedWebModel", family="falcon",
+@register("falcon", family="falcon",
           needs="config.json + safetensors or GGUF; Falcon 7B/40B/180B (RoPE), Falcon-RW (ALiBi)")
 class FalconForCausalLM(CausalLM):
     config_class = FalconConfig

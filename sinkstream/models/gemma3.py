@@ -22,6 +22,10 @@ from .base import CausalLM, RMSNorm
 from .llama import ACTIVATIONS
 
 SLIDING, FULL = "sliding_attention", "full_attention"
+# transformers' Gemma3TextConfig defaults, for the sparse text_config of multimodal checkpoints
+TEXT_DEFAULTS = dict(vocab_size=262208, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26,
+                     num_attention_heads=8, num_key_value_heads=4, head_dim=256, query_pre_attn_scalar=256,
+                     sliding_window=4096, rms_norm_eps=1e-6, max_position_embeddings=131072)
 
 
 @dataclass
@@ -47,8 +51,9 @@ class Gemma3Config:
 
     @classmethod
     def from_dict(cls, d: dict) -> "Gemma3Config":
-        if d.get("model_type") == "gemma3" and "text_config" in d:  # the multimodal wrapper: its text half
-            d = {**d["text_config"], "tie_word_embeddings": d.get("tie_word_embeddings", True)}
+        if d.get("model_type") == "gemma3" and "text_config" in d:  # the multimodal wrapper: its text half,
+            # which Hub configs spell sparsely (only what differs from the defaults)
+            d = {**TEXT_DEFAULTS, **d["text_config"], "tie_word_embeddings": d.get("tie_word_embeddings", True)}
         if d.get("attn_logit_softcapping") is not None:
             raise UnsupportedModelError("Gemma 3 with attn_logit_softcapping is not supported (SDPA cannot cap scores)")
         if d.get("use_bidirectional_attention"):

@@ -181,6 +181,9 @@ def _sse(obj) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
+SESSION_HEADER = Header(None, pattern=r"^[A-Za-z0-9_-]{1,64}$", description='session id (or "session" in the body)')
+
+
 class ClientGone(Exception):
     pass
 
@@ -263,12 +266,12 @@ def create_app(settings: Settings, *, loader: Callable | None = None,
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request,
-                               x_session_id: str | None = Header(None, max_length=64)):
+                               x_session_id: str | None = SESSION_HEADER):
         return await _complete(body, request, x_session_id, "chat")
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request,
-                          x_session_id: str | None = Header(None, max_length=64)):
+                          x_session_id: str | None = SESSION_HEADER):
         return await _complete(body, request, x_session_id, "text")
 
     async def _complete(body, request: Request, header_session, kind: str):
@@ -350,8 +353,24 @@ def create_app(settings: Settings, *, loader: Callable | None = None,
         store.delete(check_id(session_id))
         return {"id": session_id, "object": "session.deleted", "deleted": True}
 
+    app.openapi = lambda: _document(app, settings)
     app.add_middleware(Guard, state=state)
     return app
+
+
+def _document(app: FastAPI, settings: Settings) -> dict:
+    """The OpenAPI document, with this server's model id and max_tokens limit written in."""
+    if app.openapi_schema is None:
+        schema = FastAPI.openapi(app)
+        for name in ("ChatCompletionRequest", "CompletionRequest"):
+            props = schema["components"]["schemas"][name]["properties"]
+            props["model"]["anyOf"] = [{"type": "string", "enum": [settings.model_id]}, {"type": "null"}]
+            for field_name in ("max_tokens", "max_completion_tokens"):
+                for option in props.get(field_name, {}).get("anyOf", []):
+                    if option.get("type") == "integer":
+                        option["maximum"] = settings.limits.max_tokens
+        app.openapi_schema = schema
+    return app.openapi_schema
 
 
 class _Format:

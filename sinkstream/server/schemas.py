@@ -2,7 +2,8 @@
 
 Fields follow OpenAI's. Extensions: ``session`` (or the ``X-Session-Id`` header), ``append``, ``resync``,
 and the samplers OpenAI lacks (``top_k``, ``min_p``, ``repetition_penalty``). Unknown fields are ignored,
-as OpenAI clients send many; fields we cannot honour (``n`` > 1, ``logprobs``, tools, ...) are refused.
+as OpenAI clients send many; fields we cannot honour (``n`` > 1, ``logprobs``, tools, ...) accept only
+their "off" value, so the OpenAPI document says what works.
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from ..sampling import SamplingConfig
 from .engine import Turn
-from .errors import bad_request
+from .errors import ApiError, bad_request
 from .sessions import check_id
 
 
@@ -52,6 +53,10 @@ class ChatMessage(Body):
         return {"role": "system" if self.role == "developer" else self.role, "content": text}
 
 
+class ResponseFormat(Body):
+    type: Literal["text"]
+
+
 class StreamOptions(Body):
     include_usage: bool = False
 
@@ -70,10 +75,10 @@ class Sampling(Body):
     seed: int | None = Field(None, ge=-(2**63), lt=2**63)
     stop: Annotated[Text, Field(max_length=256)] | Annotated[list[Annotated[Text, Field(max_length=256)]],
                                                                Field(max_length=4)] | None = None
-    n: int | None = Field(None, ge=1, le=128, description="only 1 is supported")
+    n: int | None = Field(None, ge=1, le=1, description="only 1 is supported")
     stream: bool = False
     stream_options: StreamOptions | None = None
-    logprobs: bool | int | None = None
+    logprobs: Literal[False, 0] | None = Field(None, description="not supported")
     user: str | None = None
     session: SessionId | None = Field(None, description="continue this server session (or X-Session-Id header)")
 
@@ -83,17 +88,17 @@ class ChatCompletionRequest(Sampling):
     max_completion_tokens: int | None = Field(None, ge=1)
     append: bool = Field(False, description="with a session: messages hold only the new turn")
     resync: bool = Field(False, description="with a session: rebuild it from messages if they disagree with it")
-    tools: list[dict] | None = None
-    tool_choice: str | dict | None = None
-    response_format: dict | None = None
-    top_logprobs: int | None = Field(None, ge=0, le=20)
+    tools: list[dict] | None = Field(None, max_length=0, description="not supported")
+    tool_choice: Literal["none", "auto"] | None = None
+    response_format: ResponseFormat | None = None
+    top_logprobs: Literal[0] | None = Field(None, description="not supported")
 
 
 class CompletionRequest(Sampling):
     prompt: Text | Annotated[list[Text], Field(min_length=1, max_length=1)]
-    echo: bool = False
-    best_of: int | None = Field(None, ge=1, le=20)
-    suffix: Text | None = None
+    echo: Literal[False] = Field(False, description="not supported")
+    best_of: int | None = Field(None, ge=1, le=1, description="only 1 is supported")
+    suffix: Literal[""] | None = Field(None, description="not supported")
 
 
 class SessionCreate(Body):
@@ -111,35 +116,12 @@ class Limits:
     max_sessions: int = 1000
 
 
-def _refuse(param: str, what: str):
-    raise bad_request(f"{param}: {what} is not supported by this server", param=param, code="unsupported")
-
-
 def to_turn(req: Sampling, *, kind: str, header_session: str | None, defaults: SamplingConfig, limits: Limits,
             model_id: str) -> Turn:
     """Check what pydantic cannot (server limits, unsupported options) and build the worker's `Turn`."""
     if req.model is not None and req.model != model_id:
-        from .errors import ApiError
         raise ApiError(404, f"model {req.model!r} not found; this server runs {model_id!r}", param="model",
                        code="model_not_found")
-    if req.n not in (None, 1):
-        _refuse("n", "more than one choice")
-    if req.logprobs:
-        _refuse("logprobs", "returning log-probabilities")
-    if isinstance(req, ChatCompletionRequest):
-        if req.tools:
-            _refuse("tools", "tool calling")
-        if req.response_format and req.response_format.get("type", "text") != "text":
-            _refuse("response_format", "a structured output format")
-        if req.top_logprobs:
-            _refuse("top_logprobs", "returning log-probabilities")
-    if isinstance(req, CompletionRequest):
-        if req.echo:
-            _refuse("echo", "echoing the prompt")
-        if req.best_of not in (None, 1):
-            _refuse("best_of", "best-of sampling")
-        if req.suffix:
-            _refuse("suffix", "insertion with a suffix")
     session = req.session
     if header_session is not None:
         check_id(header_session)

@@ -1,0 +1,136 @@
+"""Issue 2 acceptance benchmark: constant time and memory per token, and speed against baselines.
+
+Prints, from one run on one machine:
+  * sink(S, W) decode ms/token and process RSS at stream positions 1K, 10K, 100K (positions are reached by
+    chunked prefill, then `--steps` decode steps are timed there); ratio of the last to the first;
+  * HF transformers dense decoding ms/token at 2K context (same weights, same process); ours / HF;
+  * recompute(W2) vs sink(4, W2-4) decode ms/token at a full window; ratio.
+
+    .venv/bin/python benchmarks/bench_core.py                      # the full run (~10 min on 2 cores)
+    .venv/bin/python benchmarks/bench_core.py --positions 1000,3000 --steps 8   # a quick check
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import statistics
+import time
+
+import psutil
+import torch
+
+import sinkstream
+from sinkstream import CacheConfig
+from sinkstream.loading import convert_gguf, resolve
+
+
+def rss_mib() -> float:
+    return psutil.Process(os.getpid()).memory_info().rss / 2**20
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_decode(step, steps: int, device) -> float:
+    """Median ms per call of `step()` over `steps` calls, after two warm-up calls."""
+    for _ in range(2):
+        step()
+    times = []
+    for _ in range(steps):
+        sync(device)
+        t = time.perf_counter()
+        step()
+        sync(device)
+        times.append(time.perf_counter() - t)
+    return statistics.median(times) * 1e3
+
+
+def stream_tokens(tok, n: int) -> torch.Tensor:
+    """n token ids of real text (the bundled sample, repeated as needed)."""
+    from pathlib import Path
+    text = (Path(sinkstream.__file__).parent / "data" / "pride_and_prejudice_excerpt.txt").read_text()
+    ids = torch.tensor(tok.encode(text))
+    return ids.repeat(n // len(ids) + 1)[:n]
+
+
+@torch.inference_mode()
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=None)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--sinks", type=int, default=4)
+    p.add_argument("--window", type=int, default=2044)
+    p.add_argument("--positions", default="1000,10000,100000")
+    p.add_argument("--steps", type=int, default=24, help="decode steps timed at each position")
+    p.add_argument("--hf-context", type=int, default=2048)
+    p.add_argument("--recompute-window", type=int, default=1024)
+    p.add_argument("--recompute-steps", type=int, default=4)
+    p.add_argument("--chunk", type=int, default=1024, help="prefill chunk used to reach far positions")
+    args = p.parse_args()
+
+    model, tok = sinkstream.load(args.model, device=args.device)
+    dev = model.device
+    print(f"# model {model.source} | device {dev} | dtype {model.dtype} | torch threads {torch.get_num_threads()}")
+    positions = [int(x) for x in args.positions.split(",")]
+    ids = stream_tokens(tok, max(positions) + args.steps + 8).to(dev)
+    x1 = ids[:1].view(1, 1)
+
+    # 1. sink(S, W) at growing stream positions
+    cache = model.make_cache(CacheConfig("sink", args.sinks, args.window, prefill_chunk=args.chunk))
+    rows, done = [], 0
+    t_prefill = time.perf_counter()
+    for pos in positions:
+        cache.run(model, ids[done:pos].view(1, -1))
+        done = pos
+        ms = time_decode(lambda: cache.run(model, x1), args.steps, dev)
+        done += 0  # decode steps add tokens to the stream; the position label is where timing began
+        gc.collect()
+        rows.append((pos, ms, rss_mib(), cache.cached, cache.seen))
+    t_prefill = time.perf_counter() - t_prefill
+    print(f"\n## sink({args.sinks},{args.window}): decode ms/token vs stream position")
+    print(f"{'position':>10} {'ms/token':>9} {'RSS MiB':>8} {'cached':>7} {'seen':>8}")
+    for pos, ms, rss, cached, seen in rows:
+        print(f"{pos:>10} {ms:>9.2f} {rss:>8.0f} {cached:>7} {seen:>8}")
+    print(f"ratio ms/token {rows[-1][0]} / {rows[0][0]}: {rows[-1][1] / rows[0][1]:.3f}")
+    if len(rows) > 2:
+        print(f"ratio ms/token {rows[-1][0]} / {rows[1][0]} (both with a full cache): {rows[-1][1] / rows[1][1]:.3f}")
+    print(f"RSS growth {rows[0][0]} -> {rows[-1][0]}: {rows[-1][2] - rows[0][2]:+.0f} MiB")
+    print(f"(prefill of {done} tokens took {t_prefill:.0f}s, {done / t_prefill:.0f} tok/s)")
+    ours_full = rows[-1][1]
+    del cache
+    gc.collect()
+
+    # 2. HF transformers dense decoding at 2K context, same weights
+    from transformers import AutoModelForCausalLM, DynamicCache
+    folder = convert_gguf(resolve(args.model)) if resolve(args.model).is_file() else resolve(args.model)
+    hf = AutoModelForCausalLM.from_pretrained(str(folder), dtype=model.dtype).to(dev).eval()
+    ctx = ids[:args.hf_context].view(1, -1)
+    state = {"cache": DynamicCache(config=hf.config)}
+    hf(ctx, past_key_values=state["cache"], use_cache=True)
+
+    def hf_step():  # the context grows by `steps` tokens over the timing: negligible next to 2K
+        hf(x1, past_key_values=state["cache"], use_cache=True)
+    hf_ms = time_decode(hf_step, args.steps, dev)
+    print(f"\n## HF transformers dense decoding at {args.hf_context} context: {hf_ms:.2f} ms/token")
+    print(f"ours sink({args.sinks},{args.window}) at {rows[-1][0]} / HF dense at {args.hf_context}: "
+          f"{ours_full / hf_ms:.3f}")
+    del hf, state
+    gc.collect()
+
+    # 3. recompute(W) vs sink(4, W-4) at a full window
+    W = args.recompute_window
+    sink = model.make_cache(CacheConfig("sink", 4, W - 4))
+    sink.run(model, ids[:W + 64].view(1, -1))
+    sink_ms = time_decode(lambda: sink.run(model, x1), args.steps, dev)
+    rec = model.make_cache(CacheConfig("recompute", window=W))
+    rec.run(model, ids[:W + 64].view(1, -1))
+    rec_ms = time_decode(lambda: rec.run(model, x1), args.recompute_steps, dev)
+    print(f"\n## recompute({W}) vs sink(4,{W - 4}) decode")
+    print(f"sink {sink_ms:.2f} ms/token | recompute {rec_ms:.2f} ms/token | recompute / sink: {rec_ms / sink_ms:.1f}x")
+
+
+if __name__ == "__main__":
+    main()
