@@ -95,19 +95,20 @@ class Rotary(torch.nn.Module):
         self.register_buffer("inv_freq", inv.to(device), persistent=False)
         self._tables: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def tables(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions: [n] ints -> cos, sin: [n, rotary_dim], looked up in a table that grows by doubling.
+    def tables(self, positions: torch.Tensor, dtype: torch.dtype, *, max_pos: int | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions: [n] ints >= 0 -> cos, sin: [n, rotary_dim], looked up in a table grown by doubling.
 
-        Angles are float32 products, as in the reference implementations the models were trained with
-        (our logits match theirs bit for bit); in-cache positions stay small, so float32 stays precise.
+        `max_pos` (known on the CPU from the Plan) spares a device sync. Angles are float32 products, as
+        in the reference implementations the models were trained with (our logits match theirs bit for
+        bit); in-cache positions stay small, so float32 stays precise.
         """
         positions = positions.to(self.inv_freq.device)
-        if positions.numel() and int(positions.min()) < 0:  # a re-base rotates backwards: rare, compute it
-            return self._compute(positions, dtype)
-        need = int(positions.max()) + 1 if positions.numel() else 1
+        if max_pos is None:
+            max_pos = int(positions.max()) if positions.numel() else 0
         table = self._tables.get(dtype)
-        if table is None or table[0].shape[0] < need:
-            size = max(need, 2 * table[0].shape[0] if table is not None else 4096)
+        if table is None or table[0].shape[0] <= max_pos:
+            size = max(max_pos + 1, 2 * table[0].shape[0] if table is not None else 4096)
             table = self._compute(torch.arange(size, device=self.inv_freq.device), dtype)
             self._tables[dtype] = table
         return table[0][positions], table[1][positions]

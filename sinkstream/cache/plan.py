@@ -60,6 +60,7 @@ class Plan:
     rebase: int = 0                 # pre-rotated caches: rotate stored window keys by -rebase before this pass
     new_pos: torch.Tensor | None = None   # [C] rotation positions of the new keys
     sink_pos: torch.Tensor | None = None  # [S] rotation positions of the sink keys for this pass
+    max_pos: int = 0                # largest position above (known on the CPU: table look-ups need no sync)
     _rope: dict = field(default_factory=dict, repr=False)
 
     def rope(self, rotary, dtype: torch.dtype):
@@ -67,9 +68,10 @@ class Plan:
         computed once per pass per rotary module and shared by every layer using it."""
         key = (id(rotary), dtype)
         if key not in self._rope:
-            tk = None if self.keys_rotated else rotary.tables(self.k_pos, dtype)
-            tq = rotary.tables(self.q_pos, dtype)
-            ts = None if self.q_pos_sink is None else rotary.tables(self.q_pos_sink, dtype)
+            m = self.max_pos
+            tk = None if self.keys_rotated else rotary.tables(self.k_pos, dtype, max_pos=m)
+            tq = rotary.tables(self.q_pos, dtype, max_pos=m)
+            ts = None if self.q_pos_sink is None else rotary.tables(self.q_pos_sink, dtype, max_pos=m)
             self._rope[key] = (tk, tq, ts)
         return self._rope[key]
 
@@ -149,6 +151,7 @@ class RingSlots:
             (k_tok[None, :] < S) | (k_tok[None, :] >= o[:, None]))
         mask = None if bool(vis.all()) else vis
         sink_cols = None if q_pos_sink is None else (k_tok < S)
+        max_pos = int(max(k_pos.max(), q_pos.max(), new_pos.max(), S + shift))
         dev = torch.device(device)
         mv = (lambda x: None if x is None else x.to(dev, non_blocking=True))
         return Plan(n_new=n_new, start=t0, write_first=write_first, read_len=read_len,
@@ -157,7 +160,7 @@ class RingSlots:
                     sink_cols=mv(sink_cols), mask=mv(mask),
                     decode_slot=int(write_slots[0]) if n_new == 1 and write_slots.numel() else None,
                     keys_rotated=self.lazy_base, rebase=rebase, new_pos=mv(new_pos),
-                    sink_pos=mv(torch.arange(S) + shift) if S else None)
+                    sink_pos=mv(torch.arange(S) + shift) if S else None, max_pos=max_pos)
 
     def state(self) -> dict:
         return {"seen": self.seen, "base": self.base, "slot_token": self.slot_token.clone()}
