@@ -76,15 +76,15 @@ def main() -> None:
                    CacheConfig("window", sinks=0, window=size),
                    CacheConfig("recompute", sinks=0, window=size)]
         results = {}
+        region = torch.arange(ids.numel() - 1) >= size  # predictions made once the cache had overflowed
         for cfg in configs:
             nll, secs = run(model, ids, cfg, args.every)
             results[cfg.describe()] = nll
-            print(f"  {cfg.describe():14s} done in {secs:6.1f}s", flush=True)
+            print(f"  {cfg.describe():14s} ppl {math.exp(mean_nll(nll, region)):8.2f}  ({secs:.0f}s)", flush=True)
         rec = results[configs[2].describe()]
-        region = torch.arange(rec.numel()) >= size  # the token predicted at index i is i+1: cache overflowed
         scored = region & ~torch.isnan(rec)
-        print(f"\ncache {size} tokens; ppl over stream positions {size}..{ids.numel() - 1} "
-              f"(all {int(region.sum())}) and on the {int(scored.sum())} positions recompute scored:")
+        print(f"\ncache {size} tokens; ppl of the predictions made once the cache is full (query position >= "
+              f"{size}): all {int(region.sum())} of them, and the {int(scored.sum())} that recompute scored:")
         print(f"  {'cache':14s} {'ppl (all)':>10s} {'ppl (scored)':>13s}")
         for name, nll in results.items():
             full = "" if name.startswith("recompute") else f"{math.exp(mean_nll(nll, region)):10.2f}"

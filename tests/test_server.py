@@ -317,6 +317,23 @@ def test_busy_queue_503_session_429_and_disconnect_cancels(server, http):
     assert http.get(f"/v1/sessions/{sid}").json()["turns"] == 1
 
 
+def metric(server, name):
+    for line in httpx.get(server.url + "/metrics").text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    raise KeyError(name)
+
+
+def test_non_streaming_client_that_leaves_cancels(server, http):
+    before = metric(server, "sinkstream_cancelled_total")
+    with pytest.raises(httpx.ReadTimeout):
+        http.post("/v1/completions", json={"prompt": "long", "max_tokens": MAX_TOKENS}, timeout=1.0)
+    t0 = time.monotonic()
+    r = http.post("/v1/completions", json={"prompt": "short", "max_tokens": 2})
+    assert r.status_code == 200 and time.monotonic() - t0 < 10  # the long one (~25 s) was stopped
+    assert metric(server, "sinkstream_cancelled_total") == before + 1
+
+
 def test_metrics_names(server, client):
     client.chat.completions.create(model="tiny", messages=[user("count me")], max_tokens=3)
     text = httpx.get(server.url + "/metrics").text

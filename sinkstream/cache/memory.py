@@ -10,12 +10,13 @@ model's device, a few *representative keys* per kv head:
   summed over queries and over the query heads of each kv head (the same distance-0 score retrieval uses);
 * ``representative="mean"``: the block's mean key.
 
-What is attended. In every pass each layer scores the blocks finalized before the pass: per query head
-and query, a block's score is its best representative (max over them) under q·r/√d, turned into a softmax
-over blocks; the votes of a kv head's query heads and of all the chunk's queries are summed. Each kv head
-then attends to sinks + its own top-k blocks + the window. A block is retrievable from the first decode step
-after it fills; in a pass of several tokens only blocks filled before the pass count (its early queries
-still see some of its evictions in the window). A block still being filled is not retrievable, so up to B
+What is attended. In every pass each layer scores the retrievable blocks: per query head and query, a
+block's score is its best representative (max over them) under q·r/√d, turned into a softmax over blocks;
+the votes of a kv head's query heads and of the pass's last ``VOTERS`` queries are summed. Each kv head
+then attends to sinks + its own top-k blocks + the window. Prompts are fed in chunks of at most W tokens, so
+a question at the end of a long prompt is not outvoted by the text before it. A block is retrievable from
+the first decode step after it fills; in a pass of several tokens only blocks filled before the pass count
+(its early queries still see some of its evictions in the window). A block still being filled is not retrievable, so up to B
 tokens just past the window are invisible until their block is full.
 
 Positions (extending the contract of `sinkstream.cache.plan`). Retrieved blocks are treated like more
@@ -23,8 +24,9 @@ sinks: with ``R = k*B`` retrieved columns, sink ``s`` sits at ``s``, retrieved c
 order within each kv head, tokens in order within a block) at ``S + j``, and the window is shifted right by
 R: window token ``u`` at ``S + R + u - b``, the query at ``S + R + t - b``. Retrieved columns use the sink
 query rotation ``S + R + t - o_t``, so every query sees all of memory just past its window (InfLLM gives all
-memory the distance of the window) and a chunk matches token-by-token decoding. Positions stay below
-``S + k*B + W + C`` for ever. With no block finalized yet, nothing is added: ``memory`` is ``sink`` exactly.
+memory the distance of the window) and a chunk's query matches token-by-token decoding whenever both recall
+the same blocks. Positions stay below ``S + k*B + W + C`` for ever. With no block finalized yet nothing is
+added: ``memory`` attends exactly as ``sink`` does.
 
 How it plugs in. Model code is unchanged: `MemoryCache.begin` hands each memory layer a `MemoryPlan`;
 ``kv.update(k, v, plan)`` stores K/V in the ring and collects the tokens it evicts; ``attend`` calls
@@ -44,6 +46,7 @@ from .kv import KVBuffer
 from .plan import Plan, RingSlots
 
 REP_KEYS = 4  # representative keys per block and kv head, representative="attention"
+VOTERS = 16   # queries of a chunk (its last ones) whose votes choose the chunk's blocks
 
 
 @dataclass
@@ -120,7 +123,7 @@ class MemoryLayer:
         if plan.extended is None:
             return k, v, plan
         R = min(self.top_k, plan.blocks) * self.block_size
-        self._retrieve(qg, plan.blocks)
+        self._retrieve(qg, plan.blocks, plan.n_new)
         return (torch.cat([k, self.ret_k[:, :, :R]], dim=2), torch.cat([v, self.ret_v[:, :, :R]], dim=2),
                 plan.extended)
 
@@ -172,10 +175,12 @@ class MemoryLayer:
         self.open_fill = 0
         self.open_acc.zero_()
 
-    def _retrieve(self, qg, blocks: int) -> None:
+    def _retrieve(self, qg, blocks: int, chunk: int) -> None:
         """Fill ret_k/ret_v with each kv head's top-k blocks (in stream order), copying only what changed."""
         r, heads, B = self.reps_per_block, qg.shape[0], self.block_size
         kk = min(self.top_k, blocks)
+        if chunk > VOTERS:  # the chunk's last queries vote: scoring costs O(blocks), not O(chunk * blocks)
+            qg = qg.view(heads, -1, chunk, qg.shape[-1])[:, :, -VOTERS:].reshape(heads, -1, qg.shape[-1])
         s = torch.matmul(qg, self.reps[:, :blocks * r].transpose(1, 2)).float() * self.scale
         s = s.view(heads, qg.shape[1], blocks, r).amax(-1)  # [kv_heads, g*C, blocks]
         votes = s.softmax(-1).sum(1)  # [kv_heads, blocks]
@@ -255,7 +260,7 @@ class MemoryCache(StreamCache):
         spec = specs[self.memory_layers[0]]
         return BlockStore(len(specs), spec.kv_heads, c.block_size, spec.head_dim, spec.v_head_dim or spec.head_dim,
                           dtype=self.kv_dtype, budget=c.memory_budget, directory=c.memory_dir,
-                          hot_blocks=4 * c.top_k * len(self.memory_layers))
+                          hot_blocks=c.top_k * len(self.memory_layers))  # one selection per layer
 
     @property
     def blocks(self) -> int:

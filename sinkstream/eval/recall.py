@@ -15,7 +15,6 @@ import random
 import re
 from pathlib import Path
 
-
 from ..cache import CacheConfig
 from ..errors import ContextOverflowError, SinkstreamError
 from ..generate import stream_generate

@@ -24,6 +24,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..cache import CacheConfig
+from ..errors import SinkstreamError
 from ..sampling import SamplingConfig
 from .engine import Engine
 from .errors import ApiError
@@ -68,16 +69,12 @@ class ServerState:
                 folder = self.tmp.name
             store = SessionStore(folder, model, tokenizer, model_id=s.model_id, cache_config=s.cache,
                                  sampling=s.sampling, max_live=s.limits.max_live, max_sessions=s.limits.max_sessions)
-            worker = Worker(s.limits.max_queue, on_cancel=self._count_cancel)
+            worker = Worker(s.limits.max_queue, on_cancel=self.metrics.cancel)
             self.engine = Engine(model, tokenizer, model_id=s.model_id, cache_config=s.cache, store=store,
                                  worker=worker, metrics=self.metrics, max_prompt_tokens=s.limits.max_prompt_tokens)
         except Exception as e:  # noqa: BLE001 - reported on /health and by the CLI
-            self.error = f"{type(e).__name__}: {e}" if not str(e).startswith("model") else str(e)
+            self.error = str(e) if isinstance(e, SinkstreamError) else f"{type(e).__name__}: {e}"
             on_error(self.error)
-
-    def _count_cancel(self) -> None:
-        with self.metrics.lock:
-            self.metrics.cancelled += 1
 
     def need(self) -> Engine:
         if self.engine is None:
@@ -188,15 +185,27 @@ class ClientGone(Exception):
     pass
 
 
-async def _next_event(job: Job, request: Request) -> Event:
-    """The job's next event; cancels the job if the client disconnects while we wait."""
-    while True:
-        try:
-            return await asyncio.wait_for(job.events.get(), timeout=0.5)
-        except asyncio.TimeoutError:
-            if await request.is_disconnected():
-                job.cancel()
-                raise ClientGone() from None
+class Events:
+    """A job's events for a handler that is not streaming: cancels the job if the client disconnects.
+
+    Starlette notices a disconnect only when asked, so ask every half second, tokens flowing or not.
+    """
+
+    def __init__(self, job: Job, request: Request):
+        self.job, self.request = job, request
+        self.checked = time.monotonic()
+
+    async def next(self) -> Event:
+        while True:
+            if time.monotonic() - self.checked > 0.5:
+                self.checked = time.monotonic()
+                if await self.request.is_disconnected():
+                    self.job.cancel()
+                    raise ClientGone()
+            try:
+                return await asyncio.wait_for(self.job.events.get(), timeout=0.5)
+            except asyncio.TimeoutError:
+                pass
 
 
 def create_app(settings: Settings, *, loader: Callable | None = None,
@@ -279,8 +288,9 @@ def create_app(settings: Settings, *, loader: Callable | None = None,
         turn = to_turn(body, kind=kind, header_session=header_session, defaults=settings.sampling,
                        limits=settings.limits, model_id=settings.model_id)
         job = engine.submit(turn, asyncio.get_running_loop())
+        events = Events(job, request)
         try:
-            first = await _next_event(job, request)
+            first = await events.next()
         except ClientGone:
             return Response(status_code=499)
         if first.kind == "error":
@@ -293,7 +303,7 @@ def create_app(settings: Settings, *, loader: Callable | None = None,
         parts = []
         while True:
             try:
-                ev = await _next_event(job, request)
+                ev = await events.next()
             except ClientGone:
                 return Response(status_code=499)
             if ev.kind == "delta":
@@ -327,8 +337,7 @@ def create_app(settings: Settings, *, loader: Callable | None = None,
     def create_session(body: SessionCreate | None = None):
         store = state.need().store
         body = body or SessionCreate()
-        sid = body.id or None
-        s = store.create(sid, system=body.system)
+        s = store.create(body.id, system=body.system)
         return store.describe(s.extra["id"])
 
     @app.get("/v1/sessions", summary="list sessions (in memory and on disk)")

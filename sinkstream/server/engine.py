@@ -51,8 +51,7 @@ class Engine:
         try:
             self.worker.submit(job)
         except ApiError:
-            with self.metrics.lock:
-                self.metrics.rejected += 1
+            self.metrics.reject()
             raise
         return job
 

@@ -60,6 +60,14 @@ class Metrics:
             self.prompt_tokens += prompt
             self.generated_tokens += generated
 
+    def cancel(self) -> None:
+        with self.lock:
+            self.cancelled += 1
+
+    def reject(self) -> None:
+        with self.lock:
+            self.rejected += 1
+
     def first_token(self, seconds: float) -> None:
         with self.lock:
             self.ttft.observe(seconds)
@@ -74,7 +82,8 @@ class Metrics:
             out = ["# HELP sinkstream_requests_total HTTP requests answered, by path, method and status.",
                    "# TYPE sinkstream_requests_total counter"]
             for (path, method, status), n in sorted(self.requests.items()):
-                out.append(f"sinkstream_requests_total{_labels({'path': path, 'method': method, 'status': status})} {n}")
+                labels = _labels({"path": path, "method": method, "status": status})
+                out.append(f"sinkstream_requests_total{labels} {n}")
             for name, help_, value in (
                     ("sinkstream_prompt_tokens_total", "Tokens fed to the model (new turn text only for sessions).",
                      self.prompt_tokens),

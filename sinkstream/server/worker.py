@@ -63,6 +63,7 @@ class Worker:
     def __init__(self, max_queue: int = 8, *, on_cancel: Callable[[], None] = lambda: None):
         self.queue: queue.Queue[Job | None] = queue.Queue(maxsize=max(1, max_queue))
         self.on_cancel = on_cancel
+        self.current: Job | None = None
         self.thread = threading.Thread(target=self._loop, name="sinkstream-generate", daemon=True)
         self.thread.start()
 
@@ -79,11 +80,27 @@ class Worker:
                            code="queue_full") from None
 
     def stop(self) -> None:
-        self.queue.put(None)
+        """Cancel the running and the waiting requests (their turns roll back), then end the thread."""
+        while True:
+            try:
+                job = self.queue.get_nowait()
+            except queue.Empty:
+                break
+            if job is not None:
+                job.cancel()
+                self._finish(job)
+                job.emit(Event("error", error=ApiError(503, "the server is shutting down", code="shutting_down")))
+        if self.current is not None:
+            self.current.cancel()
+        try:
+            self.queue.put(None, timeout=5)
+        except queue.Full:  # a request slipped in meanwhile; the thread is a daemon and ends with the process
+            return
         self.thread.join(timeout=10)
 
     def _loop(self) -> None:
         while (job := self.queue.get()) is not None:
+            self.current = job
             try:
                 job.check()
                 last = job.run(job)
@@ -98,6 +115,7 @@ class Worker:
                 log.exception("generation failed")
                 last = Event("error", error=ApiError(500, f"generation failed: {type(e).__name__}: {e}",
                                                      code="generation_failed"))
+            self.current = None
             self._finish(job)  # release the session before the client hears the end and sends its next turn
             job.emit(last)
 
