@@ -24,6 +24,15 @@ from .tokenizer import eos_token_ids, render_chat
 FORMAT_VERSION = 1
 
 
+def _digest(tensors: dict[str, torch.Tensor], meta_json: str) -> str:
+    """SHA-256 over every tensor (name and bytes) and the JSON metadata: any damage is detected."""
+    h = hashlib.sha256(meta_json.encode())
+    for k in sorted(tensors):
+        h.update(k.encode())
+        h.update(tensors[k].contiguous().view(torch.uint8).numpy().tobytes() if tensors[k].numel() else b"")
+    return h.hexdigest()
+
+
 @dataclass
 class SessionStats:
     tokens_seen: int
@@ -61,20 +70,22 @@ class Session:
     def _encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False)
 
+    _REPLY_MARK = "SINKSTREAM_REPLY_MARK"
+
     def _turn_text(self, message: str) -> str:
-        """Template text for the new user turn, including what closes the previous reply."""
+        """Template text for the new user turn, including what closes the previous reply.
+
+        The previous exchange is rendered with a marker as the reply; everything after the marker is the
+        reply's closer plus the new turn, so only O(1) text is rendered and fed per turn.
+        """
         user = {"role": "user", "content": message}
         if self.last_reply is None:
             msgs = ([{"role": "system", "content": self.system}] if self.system else []) + [user]
             return render_chat(self.tokenizer, msgs)
-        prev = [{"role": "user", "content": "\x00"}, {"role": "assistant", "content": self.last_reply}]
-        closed = render_chat(self.tokenizer, prev, add_generation_prompt=False)
+        mark = self._REPLY_MARK
+        prev = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": mark}]
         full = render_chat(self.tokenizer, prev + [user])
-        reply = self.last_reply.strip()
-        end = closed.rfind(reply) + len(reply) if reply and reply in closed else len(closed)
-        # `full` extends `closed` for every template we know; if not, fall back to its tail after the reply.
-        tail = full[len(closed):] if full.startswith(closed) else full[full.rfind(reply) + len(reply):]
-        return closed[end:] + tail
+        return full[full.rindex(mark) + len(mark):]
 
     def _run(self, ids: list[int], *, max_tokens, stop, progress) -> Iterator[GenerationResponse]:
         if self.pending is not None and self.pending not in self.stop_ids:
@@ -132,11 +143,8 @@ class Session:
         meta = {"version": FORMAT_VERSION, "cache": asdict(self.cache_config), "sampling": asdict(self.sampling),
                 "system": self.system, "pending": self.pending, "turns": self.turns, "last_reply": self.last_reply,
                 "messages": self.messages[-64:], "extra": self.extra}
-        digest = hashlib.sha256()
-        for k in sorted(tensors):
-            digest.update(k.encode())
-            digest.update(tensors[k].numpy().tobytes())
-        header = {"sinkstream": json.dumps(meta), "sha256": digest.hexdigest()}
+        meta_json = json.dumps(meta)
+        header = {"sinkstream": meta_json, "sha256": _digest(tensors, meta_json)}
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -161,11 +169,7 @@ class Session:
             tensors = load_file(str(path))
         except Exception as e:  # noqa: BLE001
             raise ValueError(f"cannot read session file {path}: {e}") from None
-        digest = hashlib.sha256()
-        for k in sorted(tensors):
-            digest.update(k.encode())
-            digest.update(tensors[k].numpy().tobytes())
-        if "sinkstream" not in header or digest.hexdigest() != header.get("sha256"):
+        if "sinkstream" not in header or _digest(tensors, header["sinkstream"]) != header.get("sha256"):
             raise ValueError(f"session file {path} is damaged (checksum mismatch)")
         meta = json.loads(header["sinkstream"])
         s = cls(model, tokenizer, CacheConfig(**meta["cache"]), SamplingConfig(**meta["sampling"]), meta["system"])

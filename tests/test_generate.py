@@ -85,6 +85,9 @@ def test_session_feeds_only_new_turns(real):
     turn = s._turn_text("And of Italy?")
     assert turn.startswith("<|im_end|>") and "Italy" in turn and "France" not in turn
     r2 = "".join(r.text for r in s.chat("And of Italy?", max_tokens=10))
+    s2 = Session(model, tok)
+    s2.last_reply = ""  # an empty reply (immediate end of turn) is still closed before the next turn
+    assert s2._turn_text("x").startswith("<|im_end|>")
     st = s.stats()
     assert "Paris" in r1 and "Rome" in r2
     assert st.turns == 2 and st.tokens_seen - seen1 <= len(tok.encode(turn)) + 10 + 1

@@ -231,7 +231,7 @@ def register(sub) -> None:
     r.add_argument("--query-every", type=int, default=10, help="StreamEval: ask after every N lines")
     r.add_argument("--lines-file", default=None,
                    help="StreamEval: take lines from a LongEval jsonl (default: generated from --seed)")
-    r.add_argument("--max-tokens", type=int, default=16, help="StreamEval: reply tokens per question")
+    r.add_argument("--max-tokens", type=int, default=40, help="StreamEval: reply tokens per question")
     _common(r, compare="")
     r.set_defaults(func=_recall)
 

@@ -118,7 +118,7 @@ def lines_from_file(path: str | Path) -> list[tuple[str, int]]:
 
 
 def streameval(model, tokenizer, configs: list[CacheConfig], pool: list[tuple[str, int]], *,
-               distances: list[int], n_lines: int = 100, query_every: int = 10, max_tokens: int = 16,
+               distances: list[int], n_lines: int = 100, query_every: int = 10, max_tokens: int = 40,
                progress=None) -> tuple[list[dict], list[dict]]:
     """Accuracy per cache and distance L; one session per (cache, L) streams `n_lines` lines.
 

@@ -183,7 +183,8 @@ class Gemma3ForCausalLM(CausalLM):
 
     def layer_specs(self) -> list[LayerSpec]:
         c = self.config
-        return [LayerSpec(c.num_key_value_heads, c.head_dim, sliding_window=c.sliding_window if t == SLIDING else None)
+        return [LayerSpec(c.num_key_value_heads, c.head_dim, sliding_window=c.sliding_window if t == SLIDING else None,
+                          rotary=self.rotary_local if t == SLIDING else self.rotary_global)
                 for t in c.layer_types]
 
     def forward_layers(self, input_ids, kv_layers, plans):

@@ -132,7 +132,7 @@ class GPTNeoXForCausalLM(CausalLM):
 
     def layer_specs(self) -> list[LayerSpec]:
         c = self.config
-        return [LayerSpec(c.num_attention_heads, c.head_dim) for _ in range(c.num_hidden_layers)]
+        return [LayerSpec(c.num_attention_heads, c.head_dim, rotary=self.rotary) for _ in range(c.num_hidden_layers)]
 
     def forward_layers(self, input_ids, kv_layers, plans):
         x = self.gpt_neox.embed_in(input_ids)

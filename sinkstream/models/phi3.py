@@ -119,7 +119,7 @@ class Phi3ForCausalLM(CausalLM):
 
     def layer_specs(self) -> list[LayerSpec]:
         c = self.config
-        return [LayerSpec(c.num_key_value_heads, c.head_dim, sliding_window=c.sliding_window)
+        return [LayerSpec(c.num_key_value_heads, c.head_dim, sliding_window=c.sliding_window, rotary=self.rotary)
                 for _ in range(c.num_hidden_layers)]
 
     def forward_layers(self, input_ids, kv_layers, plans):

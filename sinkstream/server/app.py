@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import json
 import logging
-import secrets
 import tempfile
 import threading
 import time
@@ -29,6 +27,7 @@ from ..sampling import SamplingConfig
 from .engine import Engine
 from .errors import ApiError
 from .metrics import Metrics
+from .responses import Reply, error_response, sse
 from .schemas import ChatCompletionRequest, CompletionRequest, Limits, SessionCreate, to_turn
 from .sessions import SessionStore, check_id
 from .worker import Event, Job, Worker
@@ -120,7 +119,7 @@ class Guard:
         try:
             error = self._refuse(scope)
             if error is not None:
-                return await _error_response(error)(scope, receive, counted_send)
+                return await error_response(error)(scope, receive, counted_send)
             seen = 0
 
             async def limited_receive():
@@ -135,7 +134,7 @@ class Guard:
             try:
                 await self.app(scope, limited_receive, counted_send)
             except _TooLarge:
-                await _error_response(self._too_large())(scope, receive, counted_send)
+                await error_response(self._too_large())(scope, receive, counted_send)
         finally:
             route = path if not path.startswith("/v1/sessions/") else "/v1/sessions/{id}"
             known = route in KNOWN_PATHS
@@ -167,15 +166,6 @@ class _TooLarge(StarletteHTTPException):
 
 KNOWN_PATHS = {"/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/completions", "/v1/sessions",
                "/v1/sessions/{id}", "/openapi.json"}
-
-
-def _error_response(e: ApiError) -> JSONResponse:
-    headers = {"WWW-Authenticate": "Bearer"} if e.status == 401 else None
-    return JSONResponse(e.body(), status_code=e.status, headers=headers)
-
-
-def _sse(obj) -> str:
-    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
 SESSION_HEADER = Header(None, pattern=r"^[A-Za-z0-9_-]{1,64}$", description='session id (or "session" in the body)')
@@ -230,7 +220,7 @@ def create_app(settings: Settings, *, loader: Callable | None = None,
 
     @app.exception_handler(ApiError)
     async def api_error(request, e: ApiError):
-        return _error_response(e)
+        return error_response(e)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request, e: RequestValidationError):
@@ -240,18 +230,18 @@ def create_app(settings: Settings, *, loader: Callable | None = None,
         msg = first.get("msg", "invalid request")
         if first.get("type") == "json_invalid":
             msg = "the body is not valid JSON"
-        return _error_response(ApiError(400, f"{'.'.join(loc) + ': ' if loc else ''}{msg}",
+        return error_response(ApiError(400, f"{'.'.join(loc) + ': ' if loc else ''}{msg}",
                                         param=".".join(loc) or None, code="invalid_value"))
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request, e: StarletteHTTPException):
         codes = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
-        return _error_response(ApiError(e.status_code, str(e.detail), code=codes.get(e.status_code)))
+        return error_response(ApiError(e.status_code, str(e.detail), code=codes.get(e.status_code)))
 
     @app.exception_handler(Exception)
     async def crashed(request, e: Exception):
         log.exception("unhandled error")
-        return _error_response(ApiError(500, f"internal error: {type(e).__name__}", code="internal_error"))
+        return error_response(ApiError(500, f"internal error: {type(e).__name__}", code="internal_error"))
 
     # --- public ---------------------------------------------------------------------------------------
     @app.get("/health", summary="200 once the model is loaded, 503 before")
@@ -295,7 +285,7 @@ def create_app(settings: Settings, *, loader: Callable | None = None,
             return Response(status_code=499)
         if first.kind == "error":
             raise first.error
-        fmt = _Format(kind, settings.model_id)
+        fmt = Reply(kind, settings.model_id)
         if body.stream:
             usage = bool(body.stream_options and body.stream_options.include_usage)
             return StreamingResponse(_stream(job, fmt, usage), media_type="text/event-stream",
@@ -313,20 +303,20 @@ def create_app(settings: Settings, *, loader: Callable | None = None,
             elif ev.kind == "done":
                 return fmt.whole("".join(parts), ev)
 
-    async def _stream(job: Job, fmt: "_Format", include_usage: bool):
+    async def _stream(job: Job, fmt: Reply, include_usage: bool):
         try:
-            yield _sse(fmt.chunk(role=True, usage_field=include_usage))
+            yield sse(fmt.chunk(role=True, usage_field=include_usage))
             while True:
                 ev = await job.events.get()
                 if ev.kind == "delta":
-                    yield _sse(fmt.chunk(text=ev.text, usage_field=include_usage))
+                    yield sse(fmt.chunk(text=ev.text, usage_field=include_usage))
                 elif ev.kind == "error":
-                    yield _sse(ev.error.body())
+                    yield sse(ev.error.body())
                     break
                 elif ev.kind == "done":
-                    yield _sse(fmt.chunk(finish=ev.finish_reason, usage_field=include_usage, session=ev.session))
+                    yield sse(fmt.chunk(finish=ev.finish_reason, usage_field=include_usage, session=ev.session))
                     if include_usage:
-                        yield _sse(fmt.usage_chunk(ev.usage))
+                        yield sse(fmt.usage_chunk(ev.usage))
                     break
             yield "data: [DONE]\n\n"
         finally:
@@ -380,50 +370,6 @@ def _document(app: FastAPI, settings: Settings) -> dict:
                         option["maximum"] = settings.limits.max_tokens
         app.openapi_schema = schema
     return app.openapi_schema
-
-
-class _Format:
-    """OpenAI's response and chunk shapes for one request (same id and created in every chunk)."""
-
-    def __init__(self, kind: str, model_id: str):
-        self.kind, self.model = kind, model_id
-        self.id = ("chatcmpl-" if kind == "chat" else "cmpl-") + secrets.token_hex(12)
-        self.created = int(time.time())
-
-    def _head(self, obj: str) -> dict:
-        return {"id": self.id, "object": obj, "created": self.created, "model": self.model,
-                "system_fingerprint": None}
-
-    def chunk(self, *, text: str = "", role: bool = False, finish: str | None = None, usage_field: bool = False,
-              session: dict | None = None) -> dict:
-        if self.kind == "chat":
-            delta = {"role": "assistant", "content": ""} if role else ({"content": text} if text else {})
-            out = {**self._head("chat.completion.chunk"),
-                   "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
-        else:
-            out = {**self._head("text_completion"),
-                   "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}]}
-        if usage_field:
-            out["usage"] = None
-        if session is not None:
-            out["session"] = session
-        return out
-
-    def usage_chunk(self, usage: dict) -> dict:
-        obj = "chat.completion.chunk" if self.kind == "chat" else "text_completion"
-        return {**self._head(obj), "choices": [], "usage": usage}
-
-    def whole(self, text: str, ev: Event) -> dict:
-        if self.kind == "chat":
-            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                      "finish_reason": ev.finish_reason}
-            out = {**self._head("chat.completion"), "choices": [choice], "usage": ev.usage}
-        else:
-            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": ev.finish_reason}
-            out = {**self._head("text_completion"), "choices": [choice], "usage": ev.usage}
-        if ev.session is not None:
-            out["session"] = ev.session
-        return out
 
 
 def settings_id(model: str | None) -> str:

@@ -111,23 +111,28 @@ class SessionStore:
             return s
 
     def get(self, sid: str) -> Session:
-        """The live session, loading it from disk if it is not in memory (404 if there is none)."""
+        """The live session, loading it from disk if it is not in memory (404 if there is none).
+
+        Called for a reserved session (see `acquire`), so nobody else loads or changes it meanwhile; the
+        file is read outside the lock, which other requests need.
+        """
         with self.lock:
             if sid in self.live:
                 self.live.move_to_end(sid)
                 return self.live[sid]
-            path = self.path(sid)
-            if not path.exists():
-                raise ApiError(404, f"session {sid!r} not found", param="session", code="session_not_found")
-            try:
-                s = Session.load(path, self.model, self.tokenizer)
-            except (ValueError, KeyError, RuntimeError) as e:
-                raise ApiError(500, f"session {sid!r} cannot be restored: {e}", code="session_damaged") from None
-            if s.extra.get("model") != self.model_id:
-                raise ApiError(409, f"session {sid!r} was made with model {s.extra.get('model')!r}, "
-                                    f"this server runs {self.model_id!r}", code="session_model_mismatch")
+        path = self.path(sid)
+        if not path.exists():
+            raise ApiError(404, f"session {sid!r} not found", param="session", code="session_not_found")
+        try:
+            s = Session.load(path, self.model, self.tokenizer)
+        except (ValueError, KeyError, RuntimeError) as e:
+            raise ApiError(500, f"session {sid!r} cannot be restored: {e}", code="session_damaged") from None
+        if s.extra.get("model") != self.model_id:
+            raise ApiError(409, f"session {sid!r} was made with model {s.extra.get('model')!r}, "
+                                f"this server runs {self.model_id!r}", code="session_model_mismatch")
+        with self.lock:
             self._keep(sid, s)
-            return s
+        return s
 
     def commit(self, sid: str, s: Session) -> None:
         """Persist a completed turn (before the client hears that it completed)."""
