@@ -122,15 +122,23 @@ class StreamCache:
 
     def run(self, model, input_ids: torch.Tensor, *, logits: str = "last", progress=None) -> torch.Tensor:
         """Feed input_ids [batch, n] in chunks of `prefill_chunk`; logits [batch, 1 or n, vocab]."""
-        chunk = self.config.prefill_chunk
+        chunk = self.chunk_size()
         outs = []
         n = input_ids.shape[1]
         for i in range(0, n, chunk):
             out = model(input_ids[:, i:i + chunk], self)
-            outs.append(out[:, -1:] if logits == "last" else out)
+            outs.append(out[:, -1:].clone() if logits == "last" else out)  # clone: free the chunk's logits
             if progress is not None:
                 progress(min(i + chunk, n), n)
+        self.after_run()
         return outs[-1] if logits == "last" else torch.cat(outs, dim=1)
+
+    def chunk_size(self) -> int:
+        """Tokens per forward pass when feeding many."""
+        return self.config.prefill_chunk
+
+    def after_run(self) -> None:
+        """Hook run once a `run` call has fed everything (the memory policy enforces its RAM budget)."""
 
     def raw_keys(self, layer: int) -> torch.Tensor:
         """Layer `layer`'s stored keys [batch, kv_heads, slots, head_dim] as the model produced them

@@ -315,18 +315,13 @@ class MemoryCache(StreamCache):
                     torch.cat([base.mask, retrieved.expand(base.n_new, R)], dim=1))
 
     # --- protocol -------------------------------------------------------------------------------------
-    def run(self, model, input_ids: torch.Tensor, *, logits: str = "last", progress=None) -> torch.Tensor:
-        """As `StreamCache.run`, but chunks are at most the window: a chunk's queries share one retrieval, and
-        a question at the end of a long chunk would be outvoted by the text before it."""
-        chunk = max(1, min(self.config.prefill_chunk, self.config.window))
-        n, outs = input_ids.shape[1], []
-        for i in range(0, n, chunk):
-            out = model(input_ids[:, i:i + chunk], self)
-            outs.append(out[:, -1:] if logits == "last" else out)
-            if progress is not None:
-                progress(min(i + chunk, n), n)
+    def chunk_size(self) -> int:
+        """At most the window: a chunk's queries share one retrieval, and a question at the end of a long
+        chunk would be outvoted by the text before it."""
+        return max(1, min(self.config.prefill_chunk, self.config.window))
+
+    def after_run(self) -> None:
         self.store.enforce_budget()  # also at the end, so an idle session sits within its budget
-        return outs[-1] if logits == "last" else torch.cat(outs, dim=1)
 
     @property
     def cached(self) -> int:
