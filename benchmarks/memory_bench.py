@@ -1,12 +1,13 @@
 """Decode speed and memory of `memory` vs `sink` at the same window, against stream position.
 
-One stream per policy: chunked prefill to each position, then time single-token decoding there. Prints
-ms/token, the process RSS, the cache's RAM bytes and the bytes spilled to disk.
+Every policy reads the same stream in lockstep: chunked prefill to each position, then single-token decode
+steps timed there, alternating between policies so the ratio to `sink` is measured under the same load.
+Prints ms/token, the ratio, the process RSS, the cache's RAM bytes and the bytes spilled to disk.
 
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/memory_bench.py --positions 1000,4000,16000 --budget 64M
-    # RAM bounded with spilling, on a tiny random model (the real one would need hours on a CPU):
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/memory_bench.py --positions 1000,4000 --budget 64M
+    # long streams, RAM bounded by spilling, on a tiny random model (SmolLM2 would need hours on a CPU):
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/memory_bench.py --tiny --positions 1000,100000,1000000 \\
-        --policies memory --budget 16M
+        --policies sink,memory --budget 16M
 """
 from __future__ import annotations
 
@@ -62,26 +63,40 @@ def main() -> None:
     print(f"{'tiny random model' if args.tiny else 'SmolLM2-135M'}, cache {args.sinks}+{args.window}, block "
           f"{args.block_size}, top-k {args.top_k}, memory budget {args.budget / 2**20:.0f} MiB, "
           f"{torch.get_num_threads()} thread(s)")
-    print(f"{'policy':<18}{'position':>10}{'ms/token':>10}{'RSS MiB':>10}{'cache MiB':>11}{'disk MiB':>10}")
-    for spec in args.policies.split(","):
+    specs = args.policies.split(",")
+    caches = {}
+    for spec in specs:
         policy, _, rep = spec.partition(":")
         extra = dict(block_size=args.block_size, top_k=args.top_k, memory_budget=args.budget,
                      representative=rep or "attention") if policy == "memory" else {}
-        cache = model.make_cache(CacheConfig(policy, args.sinks, args.window, **extra))
-        fed = 0
-        for pos in positions:
-            while fed < pos:
-                step = min(4096, pos - fed)
+        caches[spec] = model.make_cache(CacheConfig(policy, args.sinks, args.window, **extra))
+    # All policies advance in lockstep and decode steps alternate between them, so a ratio is measured
+    # under the same machine load. RSS is the whole process (every cache; `sink`'s is a few MiB).
+    print(f"{'position':>10}{'policy':>18}{'ms/token':>10}{'x sink':>8}{'RSS MiB':>9}{'cache MiB':>11}"
+          f"{'disk MiB':>10}{'prefill s':>11}")
+    fed = 0
+    for pos in positions:
+        t0 = time.perf_counter()
+        while fed < pos:
+            step = min(4096, pos - fed)
+            for cache in caches.values():
                 cache.run(model, ids[None, fed:fed + step].to(model.device))
-                fed += step
-            t0 = time.perf_counter()
-            for _ in range(args.decode):
-                cache.run(model, ids[None, fed:fed + 1].to(model.device))
-                fed += 1
-            ms = (time.perf_counter() - t0) / args.decode * 1e3
-            print(f"{spec:<18}{pos:>10}{ms:>10.2f}{proc.memory_info().rss / 2**20:>10.0f}"
-                  f"{cache.nbytes / 2**20:>11.1f}{getattr(cache, 'disk_bytes', 0) / 2**20:>10.0f}", flush=True)
-        del cache
+            fed += step
+        prefill = time.perf_counter() - t0
+        spent = dict.fromkeys(specs, 0.0)
+        for i in range(args.decode):
+            x = ids[None, fed + i:fed + i + 1].to(model.device)
+            for spec, cache in caches.items():
+                t = time.perf_counter()
+                cache.run(model, x)
+                spent[spec] += time.perf_counter() - t
+        fed += args.decode
+        base = spent.get("sink")
+        for spec, cache in caches.items():
+            ratio = f"{spent[spec] / base:>8.2f}" if base else f"{'':>8}"
+            print(f"{pos:>10}{spec:>18}{spent[spec] / args.decode * 1e3:>10.2f}{ratio}"
+                  f"{proc.memory_info().rss / 2**20:>9.0f}{cache.nbytes / 2**20:>11.1f}"
+                  f"{getattr(cache, 'disk_bytes', 0) / 2**20:>10.0f}{prefill:>11.0f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from .sampling import LogitsProcessor, Sampler, SamplingConfig, make_logits_processors, make_sampler
-from .tokenizer import StreamingDetokenizer, eos_token_ids
+from .tokenizer import StreamingDetokenizer, encode, eos_token_ids
 
 
 @torch.inference_mode()
@@ -90,7 +90,7 @@ def stream_generate(model, tokenizer, prompt: str | list[int] | torch.Tensor, *,
                     sampler: Sampler | None = None, logits_processors: list[LogitsProcessor] | None = None,
                     stop: list[str] | None = None, stop_ids: set[int] | None = None,
                     history: torch.Tensor | None = None, progress=None) -> Iterator[GenerationResponse]:
-    """Stream a completion of `prompt` (text is encoded without extra special tokens if it has a template)."""
+    """Stream a completion of `prompt` (text gets the tokenizer's BOS only at the start of a stream)."""
     sampling = sampling or SamplingConfig()
     if cache is None:
         cache = model.make_cache()
@@ -99,7 +99,8 @@ def stream_generate(model, tokenizer, prompt: str | list[int] | torch.Tensor, *,
     if logits_processors is None:
         logits_processors = make_logits_processors(sampling)
     if isinstance(prompt, str):
-        ids = torch.tensor(tokenizer.encode(prompt, add_special_tokens=False), dtype=torch.long)
+        ids = torch.tensor(encode(tokenizer, prompt, start_of_stream=getattr(cache, "seen", 0) == 0),
+                           dtype=torch.long)
     else:
         ids = torch.as_tensor(prompt, dtype=torch.long).view(-1)
     stop_ids = eos_token_ids(tokenizer) if stop_ids is None else stop_ids

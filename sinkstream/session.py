@@ -19,7 +19,7 @@ import torch
 from .cache import CacheConfig
 from .generate import GenerationResponse, stream_generate
 from .sampling import SamplingConfig, make_logits_processors, make_sampler
-from .tokenizer import eos_token_ids, render_chat
+from .tokenizer import encode, eos_token_ids, render_chat
 
 FORMAT_VERSION = 1
 
@@ -68,7 +68,7 @@ class Session:
 
     # --- feeding ------------------------------------------------------------------------------------
     def _encode(self, text: str) -> list[int]:
-        return self.tokenizer.encode(text, add_special_tokens=False)
+        return encode(self.tokenizer, text, start_of_stream=self.cache.seen == 0 and self.pending is None)
 
     _REPLY_MARK = "SINKSTREAM_REPLY_MARK"
 

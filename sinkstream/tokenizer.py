@@ -20,16 +20,36 @@ def eos_token_ids(tokenizer, model_config=None) -> set[int]:
     if gen:
         ids.update(gen)
     vocab = tokenizer.get_vocab()
-    for mark in ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "<|endoftext|>"):
+    for mark in ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "<|endoftext|>", "<eos>"):
         if mark in vocab:
             ids.add(vocab[mark])
     return ids
 
 
+# Gemma's turn format, for GGUF files that ship the tokens but not the template (gemma3-270m).
+_GEMMA_TURNS = (
+    "{{ bos_token }}{% for m in messages %}{% set role = 'model' if m['role'] == 'assistant' else 'user' %}"
+    "{% if m['role'] == 'system' %}{{ '<start_of_turn>user\n' + m['content'] + '\n\n' }}{% continue %}{% endif %}"
+    "{% if loop.index0 > 0 and messages[loop.index0 - 1]['role'] == 'system' %}{{ m['content'] }}"
+    "{% else %}{{ '<start_of_turn>' + role + '\n' + m['content'] }}{% endif %}{{ '<end_of_turn>\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}")
+
+
+def encode(tokenizer, text: str, *, start_of_stream: bool) -> list[int]:
+    """Token ids of `text`; the tokenizer's BOS (if it adds one) only at the very start of a stream."""
+    bos = getattr(tokenizer, "bos_token", None)
+    add = start_of_stream and not (bos and text.startswith(bos))
+    return tokenizer.encode(text, add_special_tokens=add)
+
+
 def render_chat(tokenizer, messages: list[dict], *, add_generation_prompt: bool = True) -> str:
     """Render messages with the model's own chat template (transformers renders it in a Jinja sandbox)."""
-    if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    template = getattr(tokenizer, "chat_template", None)
+    if not template and "<start_of_turn>" in tokenizer.get_vocab():
+        template = _GEMMA_TURNS
+    if template:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
+                                             chat_template=template)
     # No template: a plain transcript, so base models still work.
     text = "".join(f"{m['role'].capitalize()}: {m['content']}\n" for m in messages)
     return text + ("Assistant:" if add_generation_prompt else "")

@@ -45,8 +45,12 @@ from .blockstore import BlockStore
 from .kv import KVBuffer
 from .plan import Plan, RingSlots
 
-REP_KEYS = 4  # representative keys per block and kv head, representative="attention"
-VOTERS = 16   # queries of a chunk (its last ones) whose votes choose the chunk's blocks
+REP_KEYS = 4       # representative keys per block and kv head, representative="attention"
+VOTERS = 16        # queries of a chunk (its last ones) whose votes choose the chunk's blocks
+SUPER_BLOCKS = 32  # blocks per super-block (the first level of the index)
+SUMMARY_KEYS = 2   # summary keys per super-block and kv head
+PROBES = 4         # super-blocks per kv head whose blocks are scored in the second stage
+PAGE_BUDGET_SHARE = 8  # super-blocks' block keys may use memory_budget / 8 of RAM before spilling
 
 
 @dataclass
@@ -64,16 +68,19 @@ class MemoryPlan(Plan):
 
 
 class MemoryLayer:
-    """One attention layer's ring (a `KVBuffer`), its open block, representative keys and retrieval buffer."""
+    """One attention layer's ring (a `KVBuffer`), open block, two-level block index and retrieval buffer."""
 
-    def __init__(self, index: int, ring: KVBuffer, config: CacheConfig, store: BlockStore):
-        self.index, self.ring, self.store = index, ring, store
+    def __init__(self, index: int, ring: KVBuffer, config: CacheConfig, store: BlockStore, pages: BlockStore):
+        # index: this layer's key in the stores (its rank among memory layers)
+        self.index, self.ring, self.store, self.pages = index, ring, store, pages
         self.block_size, self.top_k = config.block_size, config.top_k
         self.by_attention = config.representative == "attention"
-        self.reps_per_block = min(REP_KEYS, config.block_size) if self.by_attention else 1
+        self.reps_per_block = r = min(REP_KEYS, config.block_size) if self.by_attention else 1
+        # enough probes that top_k blocks can always come from probed super-blocks
+        self.probes = max(PROBES, -(-config.top_k // SUPER_BLOCKS) + 1)
         _, heads, slots, head_dim = ring.k.shape
         dv = ring.v.shape[-1]
-        dev, dt, B = ring.k.device, ring.k.dtype, config.block_size
+        dev, dt, B, G = ring.k.device, ring.k.dtype, config.block_size, SUPER_BLOCKS
         self.scale = head_dim ** -0.5
         # attention received by each ring slot's token so far: [kv_heads, slots]
         self.acc = torch.zeros(heads, slots, device=dev) if self.by_attention else None
@@ -82,7 +89,18 @@ class MemoryLayer:
         self.open_acc = torch.zeros(heads, B, device=dev)
         self.open_fill = 0
         self.blocks = 0
-        self.reps = torch.zeros(heads, 64 * self.reps_per_block, head_dim, dtype=dt, device=dev)  # grows
+        # Index level 2: representative keys of the blocks not yet in a super-block ("recent", at most
+        # G + the blocks of one pass), and their attention received (which picks super-block summaries).
+        self.recent_first = 0  # block index of recent column 0 (= supers * G)
+        self.recent = torch.zeros(heads, 2 * G * r, head_dim, dtype=dt, device=dev)  # grows
+        self.recent_acc = torch.zeros(heads, 2 * G * r, device=dev)
+        # Index level 1: SUMMARY_KEYS keys per finished super-block (its block keys live in `pages`).
+        self.supers = 0
+        self.summary = torch.zeros(heads, 64 * SUMMARY_KEYS, head_dim, dtype=dt, device=dev)  # grows
+        # The probed super-blocks' block keys: [kv_heads, probes * G * r, d], super-block ids per slot
+        self.probed = torch.zeros(heads, self.probes * G * r, head_dim, dtype=dt, device=dev)
+        self.probed_block = torch.full((heads, self.probes * G), -1, dtype=torch.long, device=dev)
+        self.probed_ids = [[-1] * self.probes for _ in range(heads)]
         # what is currently retrieved: [1, kv_heads, top_k * B, d] and the block index in each (head, slot)
         self.ret_k = torch.zeros(1, heads, self.top_k * B, head_dim, dtype=dt, device=dev)
         self.ret_v = torch.zeros(1, heads, self.top_k * B, dv, dtype=dt, device=dev)
@@ -102,7 +120,9 @@ class MemoryLayer:
             parts.append((k_new[0][:, i], v_new[0][:, i],
                           torch.zeros(k_new.shape[1], i.numel(), device=k_new.device) if self.acc is not None
                           else None))
-        if parts:
+        if len(parts) == 1:
+            self.pending = parts[0]
+        elif parts:
             self.pending = (torch.cat([p[0] for p in parts], 1), torch.cat([p[1] for p in parts], 1),
                             None if self.acc is None else torch.cat([p[2] for p in parts], 1))
         view = self.ring.update(k_new, v_new, plan)
@@ -159,64 +179,137 @@ class MemoryLayer:
                 self._finalize()
 
     def _finalize(self) -> None:
-        r, n = self.reps_per_block, self.blocks
+        """The open block is full: store its K/V, add its representative keys to the recent ones."""
+        r = self.reps_per_block
         if self.by_attention:
-            top = self.open_acc.topk(r, dim=1).indices  # [kv_heads, r]
-            rep = self.open_k.gather(1, top[..., None].expand(-1, -1, self.open_k.shape[-1]))
+            top = self.open_acc.topk(r, dim=1)  # [kv_heads, r]
+            rep = self.open_k.gather(1, top.indices[..., None].expand(-1, -1, self.open_k.shape[-1]))
+            self._add_recent(rep, top.values)
         else:
-            rep = self.open_k.float().mean(1, keepdim=True).to(self.open_k.dtype)
-        if (n + 1) * r > self.reps.shape[1]:
-            grown = self.reps.new_zeros(self.reps.shape[0], 2 * self.reps.shape[1], self.reps.shape[2])
-            grown[:, :n * r] = self.reps[:, :n * r]
-            self.reps = grown
-        self.reps[:, n * r:(n + 1) * r] = rep
-        self.store.put(self.index, n, self.open_k.clone(), self.open_v.clone())
+            self._add_recent(self.open_k.float().mean(1, keepdim=True).to(self.open_k.dtype), None)
+        self.store.put(self.index, self.blocks, self.open_k.clone(), self.open_v.clone())
         self.blocks += 1
         self.open_fill = 0
         self.open_acc.zero_()
 
+    def _add_recent(self, rep: torch.Tensor, acc: torch.Tensor | None) -> None:
+        r, n = self.reps_per_block, self.blocks - self.recent_first
+        if (n + 1) * r > self.recent.shape[1]:
+            self.recent = torch.cat([self.recent, torch.zeros_like(self.recent)], 1)
+            self.recent_acc = torch.cat([self.recent_acc, torch.zeros_like(self.recent_acc)], 1)
+        self.recent[:, n * r:(n + 1) * r] = rep
+        if acc is not None:
+            self.recent_acc[:, n * r:(n + 1) * r] = acc
+
+    def _promote(self, eligible: int) -> None:
+        """Turn the oldest G recent blocks into a super-block once all of them are retrievable: their keys
+        go to `pages` (RAM, then disk), and SUMMARY_KEYS keys per kv head stay here for the first stage."""
+        G, r, rs = SUPER_BLOCKS, self.reps_per_block, SUMMARY_KEYS
+        while self.recent_first + G <= eligible:
+            page = self.recent[:, :G * r]
+            if self.by_attention:  # the super-block's most attended representative keys
+                top = self.recent_acc[:, :G * r].topk(rs, dim=1).indices
+                summ = page.gather(1, top[..., None].expand(-1, -1, page.shape[-1]))
+            else:  # the mean key of each of rs runs of consecutive blocks
+                summ = page.float().view(page.shape[0], rs, -1, page.shape[-1]).mean(2).to(page.dtype)
+            if (self.supers + 1) * rs > self.summary.shape[1]:
+                self.summary = torch.cat([self.summary, torch.zeros_like(self.summary)], 1)
+            self.summary[:, self.supers * rs:(self.supers + 1) * rs] = summ
+            self.pages.put(self.index, self.supers, page.clone(), page.new_zeros(page.shape[0], G * r, 0))
+            n = (self.blocks - self.recent_first) * r
+            self.recent[:, :n - G * r] = self.recent[:, G * r:n].clone()
+            self.recent_acc[:, :n - G * r] = self.recent_acc[:, G * r:n].clone()
+            self.supers += 1
+            self.recent_first += G
+
     def _retrieve(self, qg, blocks: int, chunk: int) -> None:
-        """Fill ret_k/ret_v with each kv head's top-k blocks (in stream order), copying only what changed."""
-        r, heads, B = self.reps_per_block, qg.shape[0], self.block_size
-        kk = min(self.top_k, blocks)
-        if chunk > VOTERS:  # the chunk's last queries vote: scoring costs O(blocks), not O(chunk * blocks)
+        """Fill ret_k/ret_v with each kv head's top-k blocks (in stream order), copying only what changed.
+
+        Two stages: score the super-block summaries and probe each kv head's best `probes` super-blocks;
+        then score the blocks of those super-blocks and the recent blocks, and take the top k."""
+        self._promote(blocks)
+        r, heads, G = self.reps_per_block, qg.shape[0], SUPER_BLOCKS
+        if chunk > VOTERS:  # the chunk's last queries vote: scoring cost does not grow with the chunk
             qg = qg.view(heads, -1, chunk, qg.shape[-1])[:, :, -VOTERS:].reshape(heads, -1, qg.shape[-1])
-        s = torch.matmul(qg, self.reps[:, :blocks * r].transpose(1, 2)).float() * self.scale
-        s = s.view(heads, qg.shape[1], blocks, r).amax(-1)  # [kv_heads, g*C, blocks]
-        votes = s.softmax(-1).sum(1)  # [kv_heads, blocks]
-        chosen = votes.topk(kk, dim=-1).indices.sort(-1).values.tolist()
+        p = min(self.probes, self.supers)
+        if p:
+            self._probe(qg, p)
+        n_recent = self.blocks - self.recent_first
+        keys = torch.cat([self.probed[:, :p * G * r], self.recent[:, :n_recent * r]], 1)
+        ids = torch.cat([self.probed_block[:, :p * G],
+                         torch.arange(self.recent_first, self.blocks, device=qg.device).expand(heads, -1)], 1)
+        s = torch.matmul(qg, keys.transpose(1, 2)).float() * self.scale
+        s = s.view(heads, qg.shape[1], -1, r).amax(-1)  # [kv_heads, g*C, candidates]
+        s = s.masked_fill((ids >= blocks)[:, None], float("-inf"))  # filled during this pass
+        votes = s.softmax(-1).sum(1)  # [kv_heads, candidates]
+        kk = min(self.top_k, blocks)
+        chosen = ids.gather(1, votes.topk(kk, dim=-1).indices).sort(-1).values.tolist()
         for h, row in enumerate(chosen):
-            for j, n in enumerate(row):
-                if self.ret_ids[h][j] != n:
-                    bk, bv = self.store.get(self.index, n)
-                    self.ret_k[0, h, j * B:(j + 1) * B] = bk[h]
-                    self.ret_v[0, h, j * B:(j + 1) * B] = bv[h]
-                    self.ret_ids[h][j] = n
+            have = self.ret_ids[h]
+            new = [n for n in row if n not in have[:kk]]
+            for j in range(kk):  # slots are reused by set: a block stays where it is while it is recalled
+                if new and have[j] not in row:
+                    have[j] = new.pop(0)
+                    self._load_block(h, j, have[j])
+
+    def _probe(self, qg, p: int) -> None:
+        """Stage 1: each kv head's best p super-blocks by summary score; load the block keys of new ones."""
+        rs, heads = SUMMARY_KEYS, qg.shape[0]
+        s = torch.matmul(qg, self.summary[:, :self.supers * rs].transpose(1, 2)).float() * self.scale
+        votes = s.view(heads, qg.shape[1], self.supers, rs).amax(-1).softmax(-1).sum(1)  # [kv_heads, supers]
+        for h, row in enumerate(votes.topk(p, dim=-1).indices.tolist()):
+            have = self.probed_ids[h]
+            new = [sb for sb in row if sb not in have[:p]]
+            for j in range(p):  # slots are reused by set, not order: an unchanged set loads nothing
+                if new and have[j] not in row:
+                    have[j] = new.pop()
+                    self._load_page(h, j, have[j])
+
+    def _load_page(self, h: int, j: int, sb: int) -> None:
+        """Probe slot j of kv head h <- super-block sb's block keys."""
+        G, r = SUPER_BLOCKS, self.reps_per_block
+        self.probed[h, j * G * r:(j + 1) * G * r] = self.pages.get(self.index, sb)[0][h]
+        self.probed_block[h, j * G:(j + 1) * G] = torch.arange(sb * G, (sb + 1) * G)
+
+    def _load_block(self, h: int, j: int, n: int) -> None:
+        """Recall slot j of kv head h <- block n's K/V."""
+        B = self.block_size
+        bk, bv = self.store.get(self.index, n)
+        self.ret_k[0, h, j * B:(j + 1) * B] = bk[h]
+        self.ret_v[0, h, j * B:(j + 1) * B] = bv[h]
 
     # --- accounting and persistence -----------------------------------------------------------------
     @property
     def nbytes(self) -> int:
-        ts = [self.open_k, self.open_v, self.open_acc, self.reps, self.ret_k, self.ret_v]
+        ts = [self.open_k, self.open_v, self.open_acc, self.recent, self.recent_acc, self.summary, self.probed,
+              self.probed_block, self.ret_k, self.ret_v]
         if self.acc is not None:
             ts.append(self.acc)
         return self.ring.nbytes + sum(t.numel() * t.element_size() for t in ts)
 
     def state(self, used: int) -> dict[str, torch.Tensor]:
-        r, n, f = self.reps_per_block, self.blocks, self.open_fill
+        r, n, f, rs = self.reps_per_block, self.blocks, self.open_fill, SUMMARY_KEYS
         out = self.ring.state(used)
         blocks = [self.store.get(self.index, i) for i in range(n)]
+        n_recent = (n - self.recent_first) * r
+        reps = [self.pages.get(self.index, s)[0] for s in range(self.supers)] + [self.recent[:, :n_recent]]
         out.update(open_k=self.open_k[:, :f].clone(), open_v=self.open_v[:, :f].clone(),
-                   open_acc=self.open_acc[:, :f].clone(), reps=self.reps[:, :n * r].clone(),
+                   open_acc=self.open_acc[:, :f].clone(), reps=torch.cat([t.to(self.recent) for t in reps], 1),
+                   recent_acc=self.recent_acc[:, :n_recent].clone(),
+                   summary=self.summary[:, :self.supers * rs].clone(),
                    blocks_k=torch.stack([b[0] for b in blocks]) if blocks else
                    torch.zeros(0, *self.store.k_shape, dtype=self.store.dtype),
                    blocks_v=torch.stack([b[1] for b in blocks]) if blocks else
                    torch.zeros(0, *self.store.v_shape, dtype=self.store.dtype))
         if self.acc is not None:
             out["acc"] = self.acc.clone()
+        # which slot holds which recalled block / probed super-block (slot order is part of the positions)
+        out["ret_ids"], out["probed_ids"] = torch.tensor(self.ret_ids), torch.tensor(self.probed_ids)
         return {k: t.cpu() for k, t in out.items()}
 
     def load_state(self, st: dict[str, torch.Tensor]) -> None:
-        """Restore into a fresh layer (its store empty)."""
+        """Restore into a fresh layer (its stores empty)."""
+        G, r, rs = SUPER_BLOCKS, self.reps_per_block, SUMMARY_KEYS
         self.ring.load_state(st)
         f = st["open_k"].shape[1]
         self.open_k[:, :f] = st["open_k"].to(self.open_k)
@@ -226,13 +319,30 @@ class MemoryLayer:
         self.open_fill = f
         if self.acc is not None and "acc" in st:
             self.acc.copy_(st["acc"])
-        n, r = st["blocks_k"].shape[0], self.reps_per_block
-        self.reps = self.reps.new_zeros(self.reps.shape[0], max(64, 2 * n) * r, self.reps.shape[2])
-        self.reps[:, :n * r] = st["reps"].to(self.reps)
+        n, supers = st["blocks_k"].shape[0], st["summary"].shape[1] // rs
         for i in range(n):
             self.store.put(self.index, i, st["blocks_k"][i], st["blocks_v"][i])
-        self.blocks = n
-        self.ret_ids = [[-1] * self.top_k for _ in self.ret_ids]
+        reps = st["reps"].to(self.recent)
+        for s in range(supers):
+            page = reps[:, s * G * r:(s + 1) * G * r]
+            self.pages.put(self.index, s, page, page.new_zeros(page.shape[0], G * r, 0))
+        self.summary = self.summary.new_zeros(self.summary.shape[0], max(64, 2 * supers) * rs,
+                                              self.summary.shape[2])
+        self.summary[:, :supers * rs] = st["summary"].to(self.summary)
+        recent = reps[:, supers * G * r:]
+        m = max(2 * G * r, 2 * recent.shape[1])
+        self.recent = self.recent.new_zeros(self.recent.shape[0], m, self.recent.shape[2])
+        self.recent_acc = self.recent_acc.new_zeros(self.recent_acc.shape[0], m)
+        self.recent[:, :recent.shape[1]] = recent
+        self.recent_acc[:, :recent.shape[1]] = st["recent_acc"].to(self.recent_acc)
+        self.blocks, self.supers, self.recent_first = n, supers, supers * G
+        self.probed_ids, self.ret_ids = st["probed_ids"].tolist(), st["ret_ids"].tolist()
+        self.probed_block.fill_(-1)
+        for ids, load in ((self.probed_ids, self._load_page), (self.ret_ids, self._load_block)):
+            for h, row in enumerate(ids):
+                for j, x in enumerate(row):
+                    if x >= 0:
+                        load(h, j, x)
 
 
 class MemoryCache(StreamCache):
@@ -249,18 +359,27 @@ class MemoryCache(StreamCache):
         self.specs, self.kv_dtype = specs, dtype
         self.memory_layers = [i for i, s in enumerate(specs) if s.sliding_window is None]
         self.memory_key = self.layer_group[self.memory_layers[0]] if self.memory_layers else None
-        self.store = self._new_store(specs)
-        for i in self.memory_layers:
-            self.layers[i] = MemoryLayer(i, self.layers[i], config, self.store)
+        self.store, self.pages = self._new_stores(specs)
+        for j, i in enumerate(self.memory_layers):  # stores are keyed by j, the memory layer's rank
+            self.layers[i] = MemoryLayer(j, self.layers[i], config, self.store, self.pages)
 
-    def _new_store(self, specs) -> BlockStore:
+    def _new_stores(self, specs) -> tuple[BlockStore, BlockStore]:
+        """Block K/V, and the super-blocks' block keys (index level 2, "pages"), each RAM then disk."""
         c = self.config
         if not self.memory_layers:
-            return BlockStore(0, 1, c.block_size, 1, 1, dtype=torch.float32)
-        spec = specs[self.memory_layers[0]]
-        return BlockStore(len(specs), spec.kv_heads, c.block_size, spec.head_dim, spec.v_head_dim or spec.head_dim,
-                          dtype=self.kv_dtype, budget=c.memory_budget, directory=c.memory_dir,
-                          hot_blocks=c.top_k * len(self.memory_layers))  # one selection per layer
+            empty = lambda: BlockStore(0, 1, c.block_size, 1, 1, dtype=torch.float32)
+            return empty(), empty()
+        spec, n = specs[self.memory_layers[0]], len(self.memory_layers)
+        page = SUPER_BLOCKS * (min(REP_KEYS, c.block_size) if c.representative == "attention" else 1)
+        probes = max(PROBES, -(-c.top_k // SUPER_BLOCKS) + 1)
+        # hot caches: one full selection (every kv head's top-k blocks / probes) per layer
+        store = BlockStore(n, spec.kv_heads, c.block_size, spec.head_dim, spec.v_head_dim or spec.head_dim,
+                           dtype=self.kv_dtype, budget=c.memory_budget, directory=c.memory_dir,
+                           hot_blocks=c.top_k * spec.kv_heads * n)
+        pages = BlockStore(n, spec.kv_heads, page, spec.head_dim, 0, dtype=self.kv_dtype,
+                           budget=None if c.memory_budget is None else c.memory_budget // PAGE_BUDGET_SHARE,
+                           directory=c.memory_dir, hot_blocks=probes * n)
+        return store, pages
 
     @property
     def blocks(self) -> int:
@@ -271,6 +390,7 @@ class MemoryCache(StreamCache):
         if not self.memory_layers:
             return super().begin(n_new)
         self.store.enforce_budget()  # between passes every layer holds the same blocks
+        self.pages.enforce_budget()
         ring: RingSlots = self.groups[self.memory_key]
         S, W, t0 = ring.sinks, ring.window, ring.seen
         # tokens leaving the window in this pass: [lo, hi); those before t0 sit in ring slots
@@ -322,6 +442,7 @@ class MemoryCache(StreamCache):
 
     def after_run(self) -> None:
         self.store.enforce_budget()  # also at the end, so an idle session sits within its budget
+        self.pages.enforce_budget()
 
     @property
     def cached(self) -> int:
@@ -334,17 +455,19 @@ class MemoryCache(StreamCache):
     @property
     def nbytes(self) -> int:
         """Bytes in RAM / on the device: rings, representative keys, retrieval buffers, RAM-held blocks."""
-        return super().nbytes + self.store.nbytes
+        return super().nbytes + self.store.nbytes + self.pages.nbytes
 
     @property
     def disk_bytes(self) -> int:
-        return self.store.disk_bytes
+        return self.store.disk_bytes + self.pages.disk_bytes
 
     def load_state(self, st: dict[str, torch.Tensor]) -> None:
         """Restore `state()`: ring buffers as `StreamCache` does, memory blocks into a fresh store."""
         self.store.close()
-        self.store = self._new_store(self.specs)
+        self.pages.close()
+        self.store, self.pages = self._new_stores(self.specs)
         for i in self.memory_layers:
-            self.layers[i].store = self.store
+            self.layers[i].store, self.layers[i].pages = self.store, self.pages
         super().load_state(st)
         self.store.enforce_budget()
+        self.pages.enforce_budget()
