@@ -2,7 +2,9 @@
 
 Every policy reads the same stream in lockstep: chunked prefill to each position, then single-token decode
 steps timed there, alternating between policies so the ratio to `sink` is measured under the same load.
-Prints ms/token, the ratio, the process RSS, the cache's RAM bytes and the bytes spilled to disk.
+Prints ms/token, the ratio, the process RSS, the cache's RAM bytes, the bytes spilled to disk, and how
+many blocks + index pages each decode step copied into the recall buffers (all layers: the churn of the
+selection, which a random model maximises).
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/memory_bench.py --positions 1000,4000 --budget 64M
     # long streams, RAM bounded by spilling, on a tiny random model (SmolLM2 would need hours on a CPU):
@@ -43,6 +45,11 @@ def stream_tokens_of(tok, n: int, vocab: int) -> torch.Tensor:
     return ids.repeat(n // len(ids) + 1)[:n]
 
 
+def loads_of(cache) -> int:
+    """Blocks and pages copied into the recall buffers so far, summed over layers (0 for other policies)."""
+    return sum(sum(layer.loads) for layer in cache.layers if hasattr(layer, "loads"))
+
+
 @torch.inference_mode()
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -73,7 +80,7 @@ def main() -> None:
     # All policies advance in lockstep and decode steps alternate between them, so a ratio is measured
     # under the same machine load. RSS is the whole process (every cache; `sink`'s is a few MiB).
     print(f"{'position':>10}{'policy':>18}{'ms/token':>10}{'x sink':>8}{'RSS MiB':>9}{'cache MiB':>11}"
-          f"{'disk MiB':>10}{'prefill s':>11}")
+          f"{'disk MiB':>10}{'prefill s':>11}{'loads/step':>12}")
     fed = 0
     for pos in positions:
         t0 = time.perf_counter()
@@ -84,6 +91,7 @@ def main() -> None:
             fed += step
         prefill = time.perf_counter() - t0
         spent = dict.fromkeys(specs, 0.0)
+        loads0 = {spec: loads_of(cache) for spec, cache in caches.items()}
         for i in range(args.decode):
             x = ids[None, fed + i:fed + i + 1].to(model.device)
             for spec, cache in caches.items():
@@ -96,7 +104,8 @@ def main() -> None:
             ratio = f"{spent[spec] / base:>8.2f}" if base else f"{'':>8}"
             print(f"{pos:>10}{spec:>18}{spent[spec] / args.decode * 1e3:>10.2f}{ratio}"
                   f"{proc.memory_info().rss / 2**20:>9.0f}{cache.nbytes / 2**20:>11.1f}"
-                  f"{getattr(cache, 'disk_bytes', 0) / 2**20:>10.0f}{prefill:>11.0f}", flush=True)
+                  f"{getattr(cache, 'disk_bytes', 0) / 2**20:>10.0f}{prefill:>11.0f}"
+                  f"{(loads_of(cache) - loads0[spec]) / args.decode:>12.1f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -18,9 +18,9 @@ say "sinkstream eval recall --task passkey --compare dense,sink:4+508,window:512
   --trials 2 --out "$OUT/passkey" -q | tee "$OUT/passkey.txt"
 cp "$OUT/passkey/passkey.png" docs/img/recall_passkey.png
 
-say "sinkstream eval recall --task streameval --lines-file \$DATA/longeval_lines_200.jsonl --compare dense,sink:4+508 --distances 10,20,40,80 --lines 100"
+say "sinkstream eval recall --task streameval --lines-file \$DATA/longeval_lines_200.jsonl --compare dense,sink:4+508 --distances 10,20,40,80 --lines 100 --max-tokens 40"
 "$SS" eval recall --task streameval --lines-file "$DATA/longeval_lines_200.jsonl" --compare dense,sink:4+508 \
-  --distances 10,20,40,80 --lines 100 --out "$OUT/streameval" -q | tee "$OUT/streameval.txt"
+  --distances 10,20,40,80 --lines 100 --max-tokens 40 --out "$OUT/streameval" -q | tee "$OUT/streameval.txt"
 cp "$OUT/streameval/streameval.png" docs/img/recall_streameval.png
 
 say "sinkstream eval chat --questions \$DATA/mt_bench.jsonl --limit 8 --max-tokens 48 --compare dense,sink:4+508,window:512"

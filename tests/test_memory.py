@@ -7,6 +7,7 @@ import torch
 from sinkstream import CacheConfig, SamplingConfig, Session
 from sinkstream.cache import LayerSpec
 from sinkstream.cache.blockstore import BlockStore
+from sinkstream.cache import memory
 from sinkstream.cache.memory import MemoryCache
 
 
@@ -73,9 +74,11 @@ def test_block_positions_in_chunks_and_steps(one_layer, chunk):
 
 
 @pytest.mark.parametrize("representative", ["attention", "mean"])
-def test_planted_key_far_beyond_window_is_recalled(representative):
-    """One token's key points along `e`; 300 tokens later a query along `e` must rank its block first."""
-    S, W, B, heads, d = 2, 16, 8, 2, 16
+@pytest.mark.parametrize("B,steps", [(8, 340), (2, 1200)])
+def test_planted_key_far_beyond_window_is_recalled(representative, B, steps):
+    """One token's key points along `e`; later a query along `e` must rank its block first. With 2-token
+    blocks there are 18 super-blocks, more than are probed: the summaries must lead to it (two stages)."""
+    S, W, heads, d = 2, 16, 2, 16
     cache = MemoryCache(CacheConfig("memory", S, W, block_size=B, top_k=1, representative=representative),
                         [LayerSpec(heads, d)])
     layer = cache.layers[0]
@@ -83,14 +86,14 @@ def test_planted_key_far_beyond_window_is_recalled(representative):
     e = torch.zeros(d)
     e[3] = 1.0
     planted, marker = 40, 7.0
-    for t in range(340):
+    for t in range(steps):
         plan = cache.begin(1)[0]
         k = 0.3 * torch.randn(1, heads, 1, d, generator=g)
         v = torch.randn(1, heads, 1, d, generator=g)
         q = 0.3 * torch.randn(1, 2 * heads, 1, d, generator=g)
         if t == planted:
             k[0, 0, 0], v[0, 0, 0] = 4 * e, marker
-        if planted < t < planted + 5 or t == 339:  # attended while in the window; asked for at the end
+        if planted < t < planted + 5 or t == steps - 1:  # attended while in the window; asked for at the end
             q[0, :2, 0] = 4 * e
         kv = layer.update(k, v, plan)
         k_all, v_all, ext = plan.extend(q, *kv)
@@ -98,7 +101,9 @@ def test_planted_key_far_beyond_window_is_recalled(representative):
     assert layer.ret_ids[0][0] == target
     assert k_all.shape[2] == S + W + B and ext.k_pos.max() < S + W + B
     assert (v_all[0, 0, -B:] == marker).all(-1).any()  # the planted value is attended
-    assert cache.blocks == (340 - W - S) // B
+    assert cache.blocks == (steps - W - S) // B
+    if B == 2:
+        assert layer.supers > memory.PROBES and target // memory.SUPER_BLOCKS in layer.probed_ids[0]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -128,15 +133,34 @@ def test_spilled_blocks_read_back_exactly(tmp_path, dtype):
     assert not folder.exists()
 
 
+def test_ram_and_scoring_stay_bounded_as_the_stream_grows(tiny, tmp_path):
+    """Budget 0: every finished block and page goes to disk. Past the first super-blocks, RAM on the cache
+    side stays the same (the summary tier grows by 2 keys per 32 blocks, inside its preallocated room) and
+    each step scores a fixed number of block keys."""
+    cfg = CacheConfig("memory", 4, 24, block_size=2, top_k=2, memory_budget=0, memory_dir=str(tmp_path),
+                      prefill_chunk=24)
+    ids = torch.randint(0, 256, (1, 3000), generator=torch.Generator().manual_seed(5))
+    cache = tiny.make_cache(cfg)
+    cache.run(tiny, ids[:, :600])
+    ram, disk, layer = cache.nbytes, cache.disk_bytes, cache.layers[0]
+    for i in range(600, 3000, 600):
+        cache.run(tiny, ids[:, i:i + 600])
+        assert cache.nbytes == ram and cache.disk_bytes > disk
+        assert layer.blocks - layer.recent_first < 2 * memory.SUPER_BLOCKS  # recent keys: bounded
+        disk = cache.disk_bytes
+    assert layer.supers == layer.blocks // memory.SUPER_BLOCKS > 40
+    assert cache.store.ram_bytes == 0 and cache.pages.ram_bytes == 0
+
+
 def test_state_round_trips_with_spilled_memory(tiny, tmp_path):
-    cfg = CacheConfig("memory", 4, 24, block_size=8, top_k=2, memory_budget=0, memory_dir=str(tmp_path))
+    cfg = CacheConfig("memory", 4, 24, block_size=2, top_k=2, memory_budget=0, memory_dir=str(tmp_path))
     ids = torch.randint(0, 256, (1, 260), generator=torch.Generator().manual_seed(3))
     a = tiny.make_cache(cfg)
     a.run(tiny, ids[:, :200])
     assert a.disk_bytes > 0 and a.store.ram_bytes == 0
     b = tiny.make_cache(cfg)
     b.load_state({k: v.clone() for k, v in a.state().items()})
-    assert b.seen == a.seen and b.blocks == a.blocks
+    assert b.seen == a.seen and b.blocks == a.blocks and a.layers[0].supers == 2
     for i in range(200, 260):  # continue token by token: identical logits
         x = ids[:, i:i + 1]
         assert torch.equal(a.run(tiny, x), b.run(tiny, x))

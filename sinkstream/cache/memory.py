@@ -2,26 +2,45 @@
 
 What is kept. Exactly what ``sink(S, W)`` keeps (same ring, same slots), plus every token that leaves the
 window: its un-rotated K/V go into an open *block*; a full block of ``block_size`` (B) tokens is finalized
-into the `BlockStore` (CPU RAM up to ``memory_budget`` bytes, then files on disk) and leaves behind, on the
-model's device, a few *representative keys* per kv head:
+into a `BlockStore` (CPU RAM up to ``memory_budget`` bytes, then a file on disk) and leaves behind a few
+*representative keys* per kv head:
 
 * ``representative="attention"`` (InfLLM): the ``REP_KEYS`` keys of the block that received the most
   attention while they were in the window. Attention here is softmax(q·k/√d) of un-rotated queries and keys,
   summed over queries and over the query heads of each kv head (the same distance-0 score retrieval uses);
 * ``representative="mean"``: the block's mean key.
 
-What is attended. In every pass each layer scores the retrievable blocks: per query head and query, a
-block's score is its best representative (max over them) under q·r/√d, turned into a softmax over blocks;
-the votes of a kv head's query heads and of the pass's last ``VOTERS`` queries are summed. Each kv head
-then attends to sinks + its own top-k blocks + the window. Prompts are fed in chunks of at most W tokens, so
-a question at the end of a long prompt is not outvoted by the text before it. A block is retrievable from
-the first decode step after it fills; in a pass of several tokens only blocks filled before the pass count
-(its early queries still see some of its evictions in the window). A block still being filled is not retrievable, so up to B
-tokens just past the window are invisible until their block is full.
+A two-level index over the blocks. Every ``SUPER_BLOCKS`` (G) consecutive finished blocks form a
+*super-block*: its blocks' representative keys move to a second `BlockStore` ("pages": RAM up to
+``memory_budget / PAGE_BUDGET_SHARE``, then disk) and ``SUMMARY_KEYS`` summary keys per kv head stay on the
+model's device (attention: the super-block's most attended representative keys; mean: its mean key and the
+block keys farthest from it, since a needle in a haystack is an outlier, not the mean). The blocks not yet
+in a super-block ("recent", fewer than G + the blocks of one pass) keep their representative keys there too.
+
+What is attended. In every pass each layer scores candidates with the queries: per query head and query, a
+candidate's score is its best key (max over them) under q·k/√d, turned into a softmax over candidates; the
+votes of a kv head's query heads and of the pass's last ``VOTERS`` queries are summed. Stage 1 scores the
+super-block summaries and *probes* each kv head's best ``PROBES`` super-blocks (their pages are loaded only
+when the probed set changes). Stage 2 scores the blocks of the probed super-blocks plus the recent blocks,
+and each kv head attends to sinks + its own top-k blocks + the window (a block's K/V are copied in only when
+it newly enters the selection). Prompts are fed in chunks of at most W tokens, so a question at the end of a
+long prompt is not outvoted by the text before it. A block is retrievable from the first decode step after
+it fills; in a pass of several tokens only blocks filled before the pass count (its early queries still see
+some of its evictions in the window). A block still being filled is not retrievable, so up to B tokens just
+past the window are invisible until their block is full.
+
+Cost per step and layer, with n tokens evicted so far: stage 1 is one matmul over n / (B*G) super-blocks x
+``SUMMARY_KEYS`` keys (the only part that grows: ~1,000 keys per kv head at 1M tokens with B=64, under a
+millisecond of work even then); stage 2 is one matmul over at most (PROBES + 1) * G blocks' keys, and at most kv_heads *
+(top_k + PROBES) blocks or pages are read per step, whatever n. RAM: block K/V and pages are bounded by the
+budget plus small hot caches; what stays on the device grows only by the summaries, SUMMARY_KEYS keys per kv
+head and layer per B*G tokens (1/1024 of a dense K cache at B=64: for SmolLM2 in fp32, 22.5 bytes per
+token, 22 MiB per 1M tokens; a third level would bound this too, at the price of another lossy stage).
 
 Positions (extending the contract of `sinkstream.cache.plan`). Retrieved blocks are treated like more
-sinks: with ``R = k*B`` retrieved columns, sink ``s`` sits at ``s``, retrieved column ``j`` (blocks in stream
-order within each kv head, tokens in order within a block) at ``S + j``, and the window is shifted right by
+sinks: with ``R = k*B`` retrieved columns, sink ``s`` sits at ``s``, retrieved column ``j`` at ``S + j`` (a
+kv head's blocks in the order of its recall slots: a block keeps its slot while it stays recalled, so blocks
+are in stream order until one is dropped; tokens in order within a block), and the window is shifted right by
 R: window token ``u`` at ``S + R + u - b``, the query at ``S + R + t - b``. Retrieved columns use the sink
 query rotation ``S + R + t - o_t``, so every query sees all of memory just past its window (InfLLM gives all
 memory the distance of the window) and a chunk's query matches token-by-token decoding whenever both recall
@@ -106,6 +125,7 @@ class MemoryLayer:
         self.ret_v = torch.zeros(1, heads, self.top_k * B, dv, dtype=dt, device=dev)
         self.ret_ids = [[-1] * self.top_k for _ in range(heads)]
         self.pending = None  # (k [kv_heads, m, d], v, acc [kv_heads, m]) evicted in this pass
+        self.loads = [0, 0]  # blocks and pages copied in so far (how much the selection changes)
 
     # --- the per-layer protocol ---------------------------------------------------------------------
     def update(self, k_new: torch.Tensor, v_new: torch.Tensor, plan: MemoryPlan):
@@ -210,8 +230,10 @@ class MemoryLayer:
             if self.by_attention:  # the super-block's most attended representative keys
                 top = self.recent_acc[:, :G * r].topk(rs, dim=1).indices
                 summ = page.gather(1, top[..., None].expand(-1, -1, page.shape[-1]))
-            else:  # the mean key of each of rs runs of consecutive blocks
-                summ = page.float().view(page.shape[0], rs, -1, page.shape[-1]).mean(2).to(page.dtype)
+            else:  # the mean key, and the block keys farthest from it (a needle is an outlier, not the mean)
+                mean = page.float().mean(1, keepdim=True)
+                far = (page.float() - mean).norm(dim=-1).topk(rs - 1, dim=1).indices[..., None]
+                summ = torch.cat([mean.to(page.dtype), page.gather(1, far.expand(-1, -1, page.shape[-1]))], 1)
             if (self.supers + 1) * rs > self.summary.shape[1]:
                 self.summary = torch.cat([self.summary, torch.zeros_like(self.summary)], 1)
             self.summary[:, self.supers * rs:(self.supers + 1) * rs] = summ
@@ -244,39 +266,38 @@ class MemoryLayer:
         votes = s.softmax(-1).sum(1)  # [kv_heads, candidates]
         kk = min(self.top_k, blocks)
         chosen = ids.gather(1, votes.topk(kk, dim=-1).indices).sort(-1).values.tolist()
-        for h, row in enumerate(chosen):
-            have = self.ret_ids[h]
-            new = [n for n in row if n not in have[:kk]]
-            for j in range(kk):  # slots are reused by set: a block stays where it is while it is recalled
-                if new and have[j] not in row:
-                    have[j] = new.pop(0)
-                    self._load_block(h, j, have[j])
+        self._load_blocks(_reassign(self.ret_ids, chosen))
 
     def _probe(self, qg, p: int) -> None:
         """Stage 1: each kv head's best p super-blocks by summary score; load the block keys of new ones."""
         rs, heads = SUMMARY_KEYS, qg.shape[0]
         s = torch.matmul(qg, self.summary[:, :self.supers * rs].transpose(1, 2)).float() * self.scale
         votes = s.view(heads, qg.shape[1], self.supers, rs).amax(-1).softmax(-1).sum(1)  # [kv_heads, supers]
-        for h, row in enumerate(votes.topk(p, dim=-1).indices.tolist()):
-            have = self.probed_ids[h]
-            new = [sb for sb in row if sb not in have[:p]]
-            for j in range(p):  # slots are reused by set, not order: an unchanged set loads nothing
-                if new and have[j] not in row:
-                    have[j] = new.pop()
-                    self._load_page(h, j, have[j])
+        self._load_pages(_reassign(self.probed_ids, votes.topk(p, dim=-1).indices.tolist()))
 
-    def _load_page(self, h: int, j: int, sb: int) -> None:
-        """Probe slot j of kv head h <- super-block sb's block keys."""
-        G, r = SUPER_BLOCKS, self.reps_per_block
-        self.probed[h, j * G * r:(j + 1) * G * r] = self.pages.get(self.index, sb)[0][h]
-        self.probed_block[h, j * G:(j + 1) * G] = torch.arange(sb * G, (sb + 1) * G)
+    def _load_pages(self, loads: list[tuple[int, int, int]]) -> None:
+        """Probe slot j of kv head h <- super-block sb's block keys, for each (h, j, sb)."""
+        if not loads:
+            return
+        self.loads[1] += len(loads)
+        G, heads, dev = SUPER_BLOCKS, self.probed.shape[0], self.probed.device
+        pages = {sb: self.pages.get(self.index, sb)[0] for sb in {sb for _, _, sb in loads}}
+        h, j, sb = (torch.tensor(x, device=dev) for x in zip(*loads))
+        keys = torch.stack([pages[s][hh] for hh, _, s in loads]).to(dev)  # [loads, G * r, d]
+        self.probed.view(heads, self.probes, -1, keys.shape[-1])[h, j] = keys
+        self.probed_block.view(heads, self.probes, G)[h, j] = sb[:, None] * G + torch.arange(G, device=dev)
 
-    def _load_block(self, h: int, j: int, n: int) -> None:
-        """Recall slot j of kv head h <- block n's K/V."""
-        B = self.block_size
-        bk, bv = self.store.get(self.index, n)
-        self.ret_k[0, h, j * B:(j + 1) * B] = bk[h]
-        self.ret_v[0, h, j * B:(j + 1) * B] = bv[h]
+    def _load_blocks(self, loads: list[tuple[int, int, int]]) -> None:
+        """Recall slot j of kv head h <- block n's K/V, for each (h, j, n)."""
+        if not loads:
+            return
+        self.loads[0] += len(loads)
+        heads, dev = self.ret_k.shape[1], self.ret_k.device
+        blocks = {n: self.store.get(self.index, n) for n in {n for _, _, n in loads}}
+        h, j = (torch.tensor(x, device=dev) for x in list(zip(*loads))[:2])
+        for i, buf in enumerate((self.ret_k, self.ret_v)):
+            kv = torch.stack([blocks[n][i][hh] for hh, _, n in loads]).to(dev)  # [loads, B, d]
+            buf[0].view(heads, self.top_k, self.block_size, kv.shape[-1])[h, j] = kv
 
     # --- accounting and persistence -----------------------------------------------------------------
     @property
@@ -338,11 +359,8 @@ class MemoryLayer:
         self.blocks, self.supers, self.recent_first = n, supers, supers * G
         self.probed_ids, self.ret_ids = st["probed_ids"].tolist(), st["ret_ids"].tolist()
         self.probed_block.fill_(-1)
-        for ids, load in ((self.probed_ids, self._load_page), (self.ret_ids, self._load_block)):
-            for h, row in enumerate(ids):
-                for j, x in enumerate(row):
-                    if x >= 0:
-                        load(h, j, x)
+        for ids, load in ((self.probed_ids, self._load_pages), (self.ret_ids, self._load_blocks)):
+            load([(h, j, x) for h, row in enumerate(ids) for j, x in enumerate(row) if x >= 0])
 
 
 class MemoryCache(StreamCache):
@@ -372,10 +390,10 @@ class MemoryCache(StreamCache):
         spec, n = specs[self.memory_layers[0]], len(self.memory_layers)
         page = SUPER_BLOCKS * (min(REP_KEYS, c.block_size) if c.representative == "attention" else 1)
         probes = max(PROBES, -(-c.top_k // SUPER_BLOCKS) + 1)
-        # hot caches: one full selection (every kv head's top-k blocks / probes) per layer
+        # hot caches of top_k blocks / `probes` pages per layer (what is recalled is held in ret_k/probed)
         store = BlockStore(n, spec.kv_heads, c.block_size, spec.head_dim, spec.v_head_dim or spec.head_dim,
                            dtype=self.kv_dtype, budget=c.memory_budget, directory=c.memory_dir,
-                           hot_blocks=c.top_k * spec.kv_heads * n)
+                           hot_blocks=c.top_k * n)
         pages = BlockStore(n, spec.kv_heads, page, spec.head_dim, 0, dtype=self.kv_dtype,
                            budget=None if c.memory_budget is None else c.memory_budget // PAGE_BUDGET_SHARE,
                            directory=c.memory_dir, hot_blocks=probes * n)
@@ -471,3 +489,18 @@ class MemoryCache(StreamCache):
         super().load_state(st)
         self.store.enforce_budget()
         self.pages.enforce_budget()
+
+
+def _reassign(slots: list[list[int]], chosen: list[list[int]]) -> list[tuple[int, int, int]]:
+    """Per head, put the chosen ids into slots[h][:len(chosen[h])] by set, not by order: an id already in a
+    slot stays there (nothing to load); the others take the slots of ids no longer chosen. Returns the
+    (head, slot, id) loads to do; `slots` is updated."""
+    loads = []
+    for h, row in enumerate(chosen):
+        have, k = slots[h], len(row)
+        new = [x for x in row if x not in have[:k]]
+        for j in range(k):
+            if new and have[j] not in row:
+                have[j] = new.pop(0)
+                loads.append((h, j, have[j]))
+    return loads

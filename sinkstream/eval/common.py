@@ -1,6 +1,8 @@
 """What every eval command shares: cache specs, reading token streams, output files, memory readings."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import csv
 import json
 import os
@@ -24,7 +26,8 @@ def parse_cache_specs(text: str, default: CacheConfig) -> list[CacheConfig]:
 
     A bare name takes its sizes from `default` (--sinks/--window); bare `window` and `recompute` get the
     same total cache size as the sink cache (sinks + window), as in the paper's comparisons.
-    `sink:S+W` (or `sink(S,W)`) and `window:W`, `recompute:W` name the sizes.
+    `sink:S+W` (or `sink(S,W)`), `memory:S+W`, `window:W`, `recompute:W` name the sizes; other settings
+    (prefill chunk, memory block size, top-k, budget) come from `default`.
     """
     out = []
     for item in _split_parens(text):
@@ -35,15 +38,15 @@ def parse_cache_specs(text: str, default: CacheConfig) -> list[CacheConfig]:
         policy, a, b = m.group(1), m.group(2), m.group(3)
         try:
             if policy == "dense":
-                cfg = CacheConfig("dense", sinks=0, window=0, prefill_chunk=default.prefill_chunk)
-            elif policy == "sink":
+                cfg = replace(default, policy="dense", sinks=0, window=0)
+            elif policy in ("sink", "memory"):  # memory keeps --block-size/--memory-* from `default`
                 if a is not None and b is None:
-                    raise SinkstreamError(f"bad cache spec {item!r}: a sink cache needs sink:SINKS+WINDOW")
+                    raise SinkstreamError(f"bad cache spec {item!r}: a {policy} cache needs {policy}:SINKS+WINDOW")
                 sinks, window = (int(a), int(b)) if a is not None else (default.sinks, default.window)
-                cfg = CacheConfig("sink", sinks=sinks, window=window, prefill_chunk=default.prefill_chunk)
+                cfg = replace(default, policy=policy, sinks=sinks, window=window)
             else:
-                size = int(a) if a is not None else default.window + (default.sinks if default.policy == "sink" else 0)
-                cfg = CacheConfig(policy, sinks=0, window=size, prefill_chunk=default.prefill_chunk)
+                total = default.window + (default.sinks if default.policy in ("sink", "memory") else 0)
+                cfg = replace(default, policy=policy, sinks=0, window=int(a) if a is not None else total)
         except ValueError as e:
             raise SinkstreamError(f"bad cache spec {item!r}: {e}") from None
         out.append(cfg)
