@@ -79,3 +79,11 @@ def test_chat_repl_commands():
     assert p.returncode == 0, p.stderr
     assert "turns 1" in p.stderr and "turns 0" in p.stderr and "unknown command" in p.stderr
     assert "tok/s" in p.stderr
+
+
+def test_core_imports_without_server_or_plot_packages():
+    code = ("import sys, sinkstream, sinkstream.cli; sinkstream.cli.build_parser(); "
+            "bad = [m for m in ('fastapi', 'uvicorn', 'matplotlib', 'starlette') if m in sys.modules]; "
+            "assert not bad, bad")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
