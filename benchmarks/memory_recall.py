@@ -62,9 +62,10 @@ def main() -> None:
         extra = dict(block_size=args.block_size, top_k=args.top_k, representative=rep or "attention")
         return CacheConfig(policy, args.sinks, args.window, **(extra if policy == "memory" else {}))
 
-    print(f"passkey recall, SmolLM2-135M, cache {args.sinks}+{args.window}, block {args.block_size}, "
-          f"top-k {args.top_k}, {args.trials} trials per distance")
-    print(f"{'policy':<18}" + "".join(f"{f'{d} tok':>12}" for d in distances) + f"{'s/trial':>10}")
+    if args.trials:
+        print(f"passkey recall, SmolLM2-135M, cache {args.sinks}+{args.window}, block {args.block_size}, "
+              f"top-k {args.top_k}, {args.trials} trials per distance")
+        print(f"{'policy':<18}" + "".join(f"{f'{d} tok':>12}" for d in distances) + f"{'s/trial':>10}")
     for spec in args.policies.split(",") if args.trials else []:
         row, t0, n = [], time.perf_counter(), 0
         for d in distances:

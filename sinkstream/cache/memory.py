@@ -245,7 +245,7 @@ class MemoryLayer:
             self.recent_first += G
 
     def _retrieve(self, qg, blocks: int, chunk: int) -> None:
-        """Fill ret_k/ret_v with each kv head's top-k blocks (in stream order), copying only what changed.
+        """Fill ret_k/ret_v with each kv head's top-k blocks, copying in only blocks new to the selection.
 
         Two stages: score the super-block summaries and probe each kv head's best `probes` super-blocks;
         then score the blocks of those super-blocks and the recent blocks, and take the top k."""
