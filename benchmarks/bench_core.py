@@ -69,6 +69,8 @@ def main() -> None:
     p.add_argument("--recompute-window", type=int, default=1024)
     p.add_argument("--recompute-steps", type=int, default=4)
     p.add_argument("--chunk", type=int, default=1024, help="prefill chunk used to reach far positions")
+    p.add_argument("--sections", default="positions,hf,recompute",
+                   help="which parts to run (comma-separated: positions, hf, recompute)")
     args = p.parse_args()
 
     model, tok = sinkstream.load(args.model, device=args.device)
@@ -78,7 +80,17 @@ def main() -> None:
     ids = stream_tokens(tok, max(positions) + args.steps + 8).to(dev)
     x1 = ids[:1].view(1, 1)
 
-    # 1. sink(S, W) at growing stream positions
+    sections = set(args.sections.split(","))
+    if "positions" in sections:
+        positions_section(model, args, positions, ids, x1, dev)
+    if "hf" in sections:
+        hf_section(model, args, ids, x1, dev)
+    if "recompute" in sections:
+        recompute_section(model, args, ids, x1, dev)
+
+
+def positions_section(model, args, positions, ids, x1, dev) -> None:
+    """1. sink(S, W) at growing stream positions."""
     cache = model.make_cache(CacheConfig("sink", args.sinks, args.window, prefill_chunk=args.chunk))
     rows, done = [], 0
     t_prefill = time.perf_counter()
@@ -98,28 +110,41 @@ def main() -> None:
         print(f"ratio ms/token {rows[-1][0]} / {rows[1][0]} (both with a full cache): {rows[-1][1] / rows[1][1]:.3f}")
     print(f"RSS growth {rows[0][0]} -> {rows[-1][0]}: {rows[-1][2] - rows[0][2]:+.0f} MiB")
     print(f"(prefill of {done} tokens took {t_prefill:.0f}s, {done / t_prefill:.0f} tok/s)")
-    ours_full = rows[-1][1]
     del cache
     gc.collect()
 
-    # 2. HF transformers dense decoding at 2K context, same weights
-    from transformers import AutoModelForCausalLM, DynamicCache
-    folder = convert_gguf(resolve(args.model)) if resolve(args.model).is_file() else resolve(args.model)
-    hf = AutoModelForCausalLM.from_pretrained(str(folder), dtype=model.dtype).to(dev).eval()
-    ctx = ids[:args.hf_context].view(1, -1)
-    state = {"cache": DynamicCache(config=hf.config)}
-    hf(ctx, past_key_values=state["cache"], use_cache=True)
 
-    def hf_step():  # the context grows by `steps` tokens over the timing: negligible next to 2K
-        hf(x1, past_key_values=state["cache"], use_cache=True)
-    hf_ms = time_decode(hf_step, args.steps, dev)
-    print(f"\n## HF transformers dense decoding at {args.hf_context} context: {hf_ms:.2f} ms/token")
-    print(f"ours sink({args.sinks},{args.window}) at {rows[-1][0]} / HF dense at {args.hf_context}: "
-          f"{ours_full / hf_ms:.3f}")
-    del hf, state
+def hf_section(model, args, ids, x1, dev) -> None:
+    """2. HF transformers dense decoding at 2K context, same weights, steps interleaved with ours (a full
+    sink cache of the same size), so both see the same machine load."""
+    from transformers import AutoModelForCausalLM, DynamicCache
+    src = resolve(args.model)
+    folder = convert_gguf(src) if src.is_file() else src
+    hf = AutoModelForCausalLM.from_pretrained(str(folder), dtype=model.dtype).to(dev).eval()
+    state = DynamicCache(config=hf.config)
+    hf(ids[:args.hf_context].view(1, -1), past_key_values=state, use_cache=True)
+    ours = model.make_cache(CacheConfig("sink", args.sinks, args.window, prefill_chunk=args.chunk))
+    ours.run(model, ids[:2 * (args.sinks + args.window)].view(1, -1))  # full, and past its first eviction
+    t_ours, t_hf = [], []
+    for i in range(args.steps + 2):
+        for fn, acc in ((lambda: ours.run(model, x1), t_ours),
+                        (lambda: hf(x1, past_key_values=state, use_cache=True), t_hf)):
+            sync(dev)
+            t = time.perf_counter()
+            fn()
+            sync(dev)
+            if i >= 2:
+                acc.append(time.perf_counter() - t)
+    ours_ms, hf_ms = statistics.median(t_ours) * 1e3, statistics.median(t_hf) * 1e3
+    print(f"\n## HF transformers dense decoding at {args.hf_context} context vs ours, interleaved steps")
+    print(f"HF dense {hf_ms:.2f} ms/token | ours sink({args.sinks},{args.window}), full cache, stream at "
+          f"{ours.seen}: {ours_ms:.2f} ms/token | ours / HF: {ours_ms / hf_ms:.3f}")
+    del hf, state, ours
     gc.collect()
 
-    # 3. recompute(W) vs sink(4, W-4) at a full window
+
+def recompute_section(model, args, ids, x1, dev) -> None:
+    """3. recompute(W) vs sink(4, W-4) at a full window."""
     W = args.recompute_window
     sink = model.make_cache(CacheConfig("sink", 4, W - 4))
     sink.run(model, ids[:W + 64].view(1, -1))
