@@ -26,25 +26,23 @@ def main(argv=None) -> int:
                                                         seed=0))
     print(f"[cache: {args.sinks} sinks + {args.window} recent = {args.sinks + args.window} tokens; generating "
           f"{args.tokens} tokens, {args.tokens / (args.sinks + args.window):.1f}x the cache]\n", file=sys.stderr)
-    prompt = ("Write a very long story about a lighthouse keeper who finds a message in a bottle. "
-              "Describe every day of her journey in detail.")
-    n, t_last, n_last = 0, time.perf_counter(), 0
-    for r in session.chat(prompt, max_tokens=args.tokens):
-        sys.stdout.write(r.text)
-        sys.stdout.flush()
-        n = r.generation_tokens
-        if n % args.every == 0 or r.finish_reason:
-            now = time.perf_counter()
-            st = session.stats()
-            rate = (n - n_last) / max(now - t_last, 1e-9)
-            print(f"\n[{n} tokens | {rate:.1f} tok/s | seen {st.tokens_seen} | cached {st.tokens_cached}/"
-                  f"{st.capacity} | KV {st.cache_bytes / 2**20:.1f} MiB]", file=sys.stderr, flush=True)
-            t_last, n_last = now, n
-        if r.finish_reason == "stop" and n < args.tokens:
-            # The model ended its story: ask for more, in the same session (the cache keeps going).
-            for r2 in session.chat("Continue the story.", max_tokens=args.tokens - n):
-                sys.stdout.write(r2.text)
-            break
+    message = ("Write a very long story about a lighthouse keeper who finds a message in a bottle. "
+               "Describe every day of her journey in detail.")
+    total, t_last, n_last = 0, time.perf_counter(), 0
+    while total < args.tokens:  # the model may end its story: ask for more in the same session
+        for r in session.chat(message, max_tokens=args.tokens - total):
+            sys.stdout.write(r.text)
+            sys.stdout.flush()
+            n = total + r.generation_tokens
+            if n // args.every > n_last // args.every or r.finish_reason:
+                now = time.perf_counter()
+                st = session.stats()
+                rate = (n - n_last) / max(now - t_last, 1e-9)
+                print(f"\n[{n} tokens | {rate:.1f} tok/s | seen {st.tokens_seen} | cached {st.tokens_cached}/"
+                      f"{st.capacity} | KV {st.cache_bytes / 2**20:.1f} MiB]", file=sys.stderr, flush=True)
+                t_last, n_last = now, n
+        total = n
+        message = "Continue the story."
     st = session.stats()
     print(f"\n[done: {st.tokens_seen} tokens through a {st.capacity}-token cache; "
           f"KV memory stayed at {st.cache_bytes / 2**20:.1f} MiB]", file=sys.stderr)
