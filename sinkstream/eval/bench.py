@@ -8,6 +8,7 @@ same GGUF when that package is installed.
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import statistics
 import time
@@ -52,7 +53,7 @@ def run(model, configs: list[CacheConfig], *, tokens: int = 100_000, points: lis
     dev = model.device
     rows = []
     for cfg in configs:
-        cfg = CacheConfig(cfg.policy, sinks=cfg.sinks, window=cfg.window, prefill_chunk=chunk)
+        cfg = dataclasses.replace(cfg, prefill_chunk=chunk)  # keeps the memory settings
         cache = model.make_cache(cfg)
 
         def step(tok: int) -> int:

@@ -4,7 +4,6 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-import torch
 import torch.nn.functional as F
 from torch import nn
 
@@ -119,13 +118,15 @@ class Backbone(nn.Module):
 @register("llama", "mistral", "qwen2", "qwen3", family="llama",
           needs="config.json + safetensors or GGUF; Llama 2/3.x, SmolLM/SmolLM2, Mistral, Qwen2, Qwen3")
 class LlamaForCausalLM(CausalLM):
+    """Also the base of families that differ only inside their blocks (Phi-3): set the two classes."""
     config_class = LlamaConfig
+    backbone_class = Backbone
 
     def __init__(self, config: LlamaConfig):
         super().__init__()
         self.config = config
         self.rotary = Rotary(config.rope, device="cpu")
-        self.model = Backbone(config, self.rotary)
+        self.model = self.backbone_class(config, self.rotary)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight

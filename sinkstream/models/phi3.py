@@ -8,11 +8,10 @@ from dataclasses import dataclass
 from torch import nn
 
 from ..attention import attend
-from ..cache import LayerSpec
 from ..rope import RopeConfig, Rotary
 from . import register
-from .base import CausalLM, RMSNorm
-from .llama import ACTIVATIONS
+from .base import RMSNorm
+from .llama import ACTIVATIONS, LlamaForCausalLM
 
 
 @dataclass
@@ -96,34 +95,7 @@ class Backbone(nn.Module):
 
 @register("phi3", family="phi3",
           needs="config.json + safetensors or GGUF; Phi-3/3.5 mini and medium, Phi-4-mini (longrope, partial RoPE)")
-class Phi3ForCausalLM(CausalLM):
+class Phi3ForCausalLM(LlamaForCausalLM):
+    """Llama's model class around Phi-3's blocks (fused projections, partial RoPE, longrope)."""
     config_class = Phi3Config
-
-    def __init__(self, config: Phi3Config):
-        super().__init__()
-        self.config = config
-        self.rotary = Rotary(config.rope, device="cpu")
-        self.model = Backbone(config, self.rotary)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        if config.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
-
-    def prepare_state_dict(self, sd):
-        if self.config.tie_word_embeddings or "lm_head.weight" not in sd:
-            sd["lm_head.weight"] = sd["model.embed_tokens.weight"]
-        return sd
-
-    def tie_weights(self) -> None:
-        if self.config.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
-
-    def layer_specs(self) -> list[LayerSpec]:
-        c = self.config
-        return [LayerSpec(c.num_key_value_heads, c.head_dim, sliding_window=c.sliding_window, rotary=self.rotary)
-                for _ in range(c.num_hidden_layers)]
-
-    def forward_layers(self, input_ids, kv_layers, plans):
-        x = self.model.embed_tokens(input_ids)
-        for layer, kv, plan in zip(self.model.layers, kv_layers, plans):
-            x = layer(x, kv, plan)
-        return self.lm_head(self.model.norm(x))
+    backbone_class = Backbone
