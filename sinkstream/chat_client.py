@@ -14,8 +14,8 @@ import urllib.error
 import urllib.request
 
 from .errors import SinkstreamError
+from .repl import HELP, run_repl, stats_line
 
-HELP = "commands: /reset (start the session over), /stats, /exit"
 
 
 class Remote:
@@ -99,33 +99,21 @@ def chat_remote(args) -> int:
     sid = info["id"]
     print(f"sinkstream chat: session {sid} on {remote.url} ({info['turns']} turns so far, cache {info['cache']}). "
           f"{HELP}", file=sys.stderr)
-    first = True
-    while True:
-        try:
-            line = input(">>> ")
-        except (EOFError, KeyboardInterrupt):
-            print(file=sys.stderr)
-            return 0
-        cmd = line.strip()
-        if not cmd:
-            continue
-        if cmd in ("/exit", "/quit", "/bye"):
-            return 0
-        if cmd == "/reset":
-            remote.request("DELETE", f"/v1/sessions/{sid}")
-            info = remote.request("POST", "/v1/sessions", {"id": sid, "system": args.system})
-            print(f"[session {sid} started over]", file=sys.stderr)
-            continue
-        if cmd == "/stats":
-            st = remote.request("GET", f"/v1/sessions/{sid}")
-            print(f"[turns {st['turns']} | tokens seen {st['tokens_seen']} | cached {st['tokens_cached']}/"
-                  f"{st['cache_capacity']} | cache {st['cache_bytes'] / 2**20:.1f} MiB]", file=sys.stderr)
-            continue
-        if cmd.startswith("/"):
-            print(f"[unknown command {cmd}; {HELP}]", file=sys.stderr)
-            continue
+    state = {"first": True, "info": info}
+
+    def reset() -> str:
+        remote.request("DELETE", f"/v1/sessions/{sid}")
+        state["info"] = remote.request("POST", "/v1/sessions", {"id": sid, "system": args.system})
+        return f"[session {sid} started over]"
+
+    def stats() -> str:
+        st = remote.request("GET", f"/v1/sessions/{sid}")
+        return stats_line(st["turns"], st["tokens_seen"], st["tokens_cached"], st["cache_capacity"],
+                          st["cache_bytes"])
+
+    def reply(line: str) -> None:
         messages = [{"role": "user", "content": line}]
-        if first and args.system and info.get("messages_seen", 0) == 0:
+        if state["first"] and args.system and state["info"].get("messages_seen", 0) == 0:
             messages.insert(0, {"role": "system", "content": args.system})
         body = {"session": sid, "append": True, "messages": messages, "stream_options": {"include_usage": True},
                 **_sampling(args)}
@@ -141,11 +129,13 @@ def chat_remote(args) -> int:
                 usage = chunk.get("usage") or usage
         except RemoteError as e:
             print(f"\n[{e}]", file=sys.stderr)
-            continue
-        first = False
+            return
+        state["first"] = False
         sys.stdout.write("\n")
         dt = time.perf_counter() - t0
         if usage:
             n = usage["completion_tokens"]
             gen = time.perf_counter() - (t_first or t0)
             print(f"[{n} tok, {n / gen if gen > 0 else 0:.1f} tok/s, {dt:.1f}s]", file=sys.stderr)
+
+    return run_repl(reply=reply, reset=reset, stats=stats)

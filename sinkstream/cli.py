@@ -38,40 +38,17 @@ def _generate(args) -> int:
     return 0
 
 
-CHAT_HELP = "commands: /reset (forget everything), /stats, /exit"
-
-
 def _chat(args) -> int:
     if args.server:
         from .chat_client import chat_remote
         return chat_remote(args)
+    from .repl import HELP, run_repl, stats_line
     from .session import Session
     model, tok = A.load_model(args)
     s = Session(model, tok, A.cache_config(args), A.sampling_config(args), system=args.system)
-    print(f"sinkstream chat: {A.cache_config(args).describe()} cache. {CHAT_HELP}", file=sys.stderr)
-    while True:
-        try:
-            line = input(">>> ")
-        except (EOFError, KeyboardInterrupt):
-            print(file=sys.stderr)
-            return 0
-        cmd = line.strip()
-        if not cmd:
-            continue
-        if cmd in ("/exit", "/quit", "/bye"):
-            return 0
-        if cmd == "/reset":
-            s.reset()
-            print("[session reset]", file=sys.stderr)
-            continue
-        if cmd == "/stats":
-            st = s.stats()
-            print(f"[turns {st.turns} | tokens seen {st.tokens_seen} | cached {st.tokens_cached}/{st.capacity} | "
-                  f"cache {st.cache_bytes / 2**20:.1f} MiB]", file=sys.stderr)
-            continue
-        if cmd.startswith("/"):
-            print(f"[unknown command {cmd}; {CHAT_HELP}]", file=sys.stderr)
-            continue
+    print(f"sinkstream chat: {A.cache_config(args).describe()} cache. {HELP}", file=sys.stderr)
+
+    def reply(line: str) -> None:
         t0, last = time.perf_counter(), None
         for r in s.chat(line, max_tokens=args.max_tokens, progress=A.Progress("prefill")):
             sys.stdout.write(r.text)
@@ -81,6 +58,16 @@ def _chat(args) -> int:
         if last is not None:
             print(f"[{last.generation_tokens} tok, {last.generation_tps:.1f} tok/s, "
                   f"{time.perf_counter() - t0:.1f}s | cache {s.cache.cached}/{s.cache.capacity}]", file=sys.stderr)
+
+    def reset() -> str:
+        s.reset()
+        return "[session reset]"
+
+    def stats() -> str:
+        st = s.stats()
+        return stats_line(st.turns, st.tokens_seen, st.tokens_cached, st.capacity, st.cache_bytes)
+
+    return run_repl(reply=reply, reset=reset, stats=stats)
 
 
 def _models(args) -> int:
