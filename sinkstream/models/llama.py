@@ -95,10 +95,12 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
+    attention_class, mlp_class = Attention, MLP  # families with other projections swap these (Phi-3)
+
     def __init__(self, c: LlamaConfig, rotary: Rotary):
         super().__init__()
-        self.self_attn = Attention(c, rotary)
-        self.mlp = MLP(c)
+        self.self_attn = self.attention_class(c, rotary)
+        self.mlp = self.mlp_class(c)
         self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
 
@@ -108,10 +110,12 @@ class Block(nn.Module):
 
 
 class Backbone(nn.Module):
+    block_class = Block
+
     def __init__(self, c: LlamaConfig, rotary: Rotary):
         super().__init__()
         self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size)
-        self.layers = nn.ModuleList(Block(c, rotary) for _ in range(c.num_hidden_layers))
+        self.layers = nn.ModuleList(self.block_class(c, rotary) for _ in range(c.num_hidden_layers))
         self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
 
 

@@ -10,7 +10,7 @@ from torch import nn
 from ..attention import attend
 from ..rope import RopeConfig, Rotary
 from . import register
-from .base import RMSNorm
+from . import llama
 from .llama import ACTIVATIONS, LlamaForCausalLM
 
 
@@ -72,25 +72,12 @@ class MLP(nn.Module):
         return self.down_proj(up * self.act(gate))
 
 
-class Block(nn.Module):
-    def __init__(self, c: Phi3Config, rotary: Rotary):
-        super().__init__()
-        self.self_attn = Attention(c, rotary)
-        self.mlp = MLP(c)
-        self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
-
-    def forward(self, x, kv, plan):
-        x = x + self.self_attn(self.input_layernorm(x), kv, plan)
-        return x + self.mlp(self.post_attention_layernorm(x))
+class Block(llama.Block):
+    attention_class, mlp_class = Attention, MLP
 
 
-class Backbone(nn.Module):
-    def __init__(self, c: Phi3Config, rotary: Rotary):
-        super().__init__()
-        self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size)
-        self.layers = nn.ModuleList(Block(c, rotary) for _ in range(c.num_hidden_layers))
-        self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+class Backbone(llama.Backbone):
+    block_class = Block
 
 
 @register("phi3", family="phi3",
