@@ -88,6 +88,8 @@ def inverse_frequencies(cfg: RopeConfig) -> tuple[torch.Tensor, float]:
 class Rotary(torch.nn.Module):
     """cos/sin for arbitrary integer positions, and their application to queries or keys."""
 
+    NEG = 8  # tables also cover positions -NEG..-1 (the eval's ``chunked`` view puts sink 0 at -1)
+
     def __init__(self, cfg: RopeConfig, device=None):
         super().__init__()
         self.cfg = cfg
@@ -97,7 +99,7 @@ class Rotary(torch.nn.Module):
 
     def tables(self, positions: torch.Tensor, dtype: torch.dtype, *, max_pos: int | None = None
                ) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions: [n] ints >= 0 -> cos, sin: [n, rotary_dim], looked up in a table grown by doubling.
+        """positions: [n] ints >= -NEG -> cos, sin: [n, rotary_dim], looked up in a table grown by doubling.
 
         `max_pos` (known on the CPU from the Plan) spares a device sync. Angles are float32 products, as
         in the reference implementations the models were trained with (our logits match theirs bit for
@@ -107,11 +109,12 @@ class Rotary(torch.nn.Module):
         if max_pos is None:
             max_pos = int(positions.max()) if positions.numel() else 0
         table = self._tables.get(dtype)
-        if table is None or table[0].shape[0] <= max_pos:
-            size = max(max_pos + 1, 2 * table[0].shape[0] if table is not None else 4096)
-            table = self._compute(torch.arange(size, device=self.inv_freq.device), dtype)
+        if table is None or table[0].shape[0] - self.NEG <= max_pos:
+            size = max(max_pos + 1, 2 * (table[0].shape[0] - self.NEG) if table is not None else 4096)
+            table = self._compute(torch.arange(-self.NEG, size, device=self.inv_freq.device), dtype)
             self._tables[dtype] = table
-        return table[0][positions], table[1][positions]
+        idx = positions + self.NEG
+        return table[0][idx], table[1][idx]
 
     def shift(self, delta: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin [1, rotary_dim] that move an already rotated vector by `delta` positions (no scaling)."""

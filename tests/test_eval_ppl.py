@@ -51,6 +51,17 @@ def test_banded_equals_exact_and_chunked_sees_the_whole_pre_chunk_cache(model, i
     assert not torch.allclose(exact[10:15], dense[10:15], atol=1e-3)
 
 
+@pytest.mark.parametrize("policy", ["sink", "memory"])
+def test_chunked_view_with_sink_zero_at_position_minus_one(model, ids, policy):
+    # passes 0..9 then 10..19 with S+W = 10: the second pass sees everything, i.e. dense attention. Its
+    # rotation base is the oldest query's window start (a re-base for pre-rotated caches, always for
+    # memory), which puts sink 0 at position -1: once looked up at the wrong end of the RoPE table.
+    cfg = CacheConfig(policy, sinks=2, window=8, block_size=4)
+    dense = policy_nll(model, CacheConfig("dense"), ids[:21], mode="banded", chunk=21)
+    wide = policy_nll(model, cfg, ids[:21], mode="chunked", chunk=10)
+    assert torch.allclose(wide, dense, atol=1e-4)
+
+
 def test_widen_places_keys_contiguously():
     slots = RingSlots(2, 4)
     slots.plan(8)  # ring now holds tokens 4..7
