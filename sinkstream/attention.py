@@ -36,9 +36,13 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Plan, *, sca
         if mask is not None:
             bias = bias.masked_fill(~mask, float("-inf"))
         mask = bias
+    gqa = q.shape[1] != k.shape[1]
     if q_sink is not None:
         sink = plan.sink_cols[None, None, :, None]
         q = torch.cat([q_sink, q], dim=-1)
         k = torch.cat([k * sink, k * ~sink], dim=-1)
-    gqa = q.shape[1] != k.shape[1]
+        if v.shape[-1] != q.shape[-1]:  # fused kernels want one head size for q, k and v: pad v with zeros
+            dv = v.shape[-1]
+            v = torch.cat([v, v.new_zeros(*v.shape[:-1], q.shape[-1] - dv)], dim=-1)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)[..., :dv]
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
