@@ -135,14 +135,23 @@ class Rotary(torch.nn.Module):
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, interleaved: bool = False) -> torch.Tensor:
-    """x: [batch, heads, n, head_dim]; cos/sin: [n, rotary_dim]. Rotates the first rotary_dim dims."""
+    """x: [batch, heads, n, head_dim]; cos/sin: [n, rotary_dim]. Rotates the first rotary_dim dims.
+
+    Written as two multiply-adds per half into one output tensor: no rotate-half copy, no temporaries
+    (this runs on every key of a view for caches that rotate at attention time)."""
     rd = cos.shape[-1]
-    xr, rest = (x, None) if rd == x.shape[-1] else (x[..., :rd], x[..., rd:])
+    half = rd // 2
+    out = torch.empty_like(x)
     if interleaved:
-        x1, x2 = xr[..., 0::2], xr[..., 1::2]
-        rot = torch.stack((-x2, x1), dim=-1).flatten(-2)
+        a, b, oa, ob = x[..., 0:rd:2], x[..., 1:rd:2], out[..., 0:rd:2], out[..., 1:rd:2]
+        c, s = cos[..., 0::2], sin[..., 0::2]
     else:
-        half = rd // 2
-        rot = torch.cat((-xr[..., half:], xr[..., :half]), dim=-1)
-    out = xr * cos + rot * sin
-    return out if rest is None else torch.cat((out, rest), dim=-1)
+        a, b, oa, ob = x[..., :half], x[..., half:rd], out[..., :half], out[..., half:rd]
+        c, s = cos[..., :half], sin[..., :half]
+    torch.mul(a, c, out=oa)
+    oa.addcmul_(b, s, value=-1)  # a cos - b sin
+    torch.mul(b, c, out=ob)
+    ob.addcmul_(a, s)            # b cos + a sin
+    if rd != x.shape[-1]:
+        out[..., rd:] = x[..., rd:]
+    return out
