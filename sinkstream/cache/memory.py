@@ -120,9 +120,14 @@ class MemoryLayer:
         self.probed = torch.zeros(heads, self.probes * G * r, head_dim, dtype=dt, device=dev)
         self.probed_block = torch.full((heads, self.probes * G), -1, dtype=torch.long, device=dev)
         self.probed_ids = [[-1] * self.probes for _ in range(heads)]
-        # what is currently retrieved: [1, kv_heads, top_k * B, d] and the block index in each (head, slot)
-        self.ret_k = torch.zeros(1, heads, self.top_k * B, head_dim, dtype=dt, device=dev)
-        self.ret_v = torch.zeros(1, heads, self.top_k * B, dv, dtype=dt, device=dev)
+        # what is currently retrieved: [1, kv_heads, top_k * B, d] and the block index in each (head, slot).
+        # It lives in extra slots at the end of the ring's own buffers, so a decode step's view (the full
+        # ring) and the recalled blocks are one contiguous slice: nothing is concatenated per step.
+        self.ring_slots = slots
+        for name in ("k", "v"):
+            buf = getattr(ring, name)
+            setattr(ring, name, torch.cat([buf, buf.new_zeros(*buf.shape[:2], self.top_k * B, buf.shape[3])], 2))
+        self.ret_k, self.ret_v = ring.k[:, :, slots:], ring.v[:, :, slots:]
         self.ret_ids = [[-1] * self.top_k for _ in range(heads)]
         self.pending = None  # (k [kv_heads, m, d], v, acc [kv_heads, m]) evicted in this pass
         self.loads = [0, 0]  # blocks and pages copied in so far (how much the selection changes)
@@ -164,6 +169,9 @@ class MemoryLayer:
             return k, v, plan
         R = min(self.top_k, plan.blocks) * self.block_size
         self._retrieve(qg, plan.blocks, plan.n_new)
+        n = self.ring_slots
+        if k.shape[2] == n and k.data_ptr() == self.ring.k.data_ptr():  # the whole ring (decode): one slice
+            return self.ring.k[:, :, :n + R], self.ring.v[:, :, :n + R], plan.extended
         return (torch.cat([k, self.ret_k[:, :, :R]], dim=2), torch.cat([v, self.ret_v[:, :, :R]], dim=2),
                 plan.extended)
 
@@ -303,7 +311,7 @@ class MemoryLayer:
     @property
     def nbytes(self) -> int:
         ts = [self.open_k, self.open_v, self.open_acc, self.recent, self.recent_acc, self.summary, self.probed,
-              self.probed_block, self.ret_k, self.ret_v]
+              self.probed_block]  # ret_k / ret_v are part of the ring's buffers
         if self.acc is not None:
             ts.append(self.acc)
         return self.ring.nbytes + sum(t.numel() * t.element_size() for t in ts)
