@@ -92,15 +92,15 @@ def load_model(args):
 class Progress:
     """A tqdm bar for long prefills/evals, on stderr, only when the work is long enough to matter."""
 
-    def __init__(self, desc: str, *, min_total: int = 1024, disable: bool = False):
-        self.desc, self.min_total, self.disable, self.bar = desc, min_total, disable, None
+    def __init__(self, desc: str, *, min_total: int = 1024, disable: bool = False, unit: str = "tok"):
+        self.desc, self.min_total, self.disable, self.bar, self.unit = desc, min_total, disable, None, unit
 
     def __call__(self, done: int, total: int) -> None:
         if self.disable or total < self.min_total:
             return
         if self.bar is None:
             from tqdm import tqdm
-            self.bar = tqdm(total=total, desc=self.desc, unit="tok", leave=False)
+            self.bar = tqdm(total=total, desc=self.desc, unit=self.unit, leave=False)
         self.bar.n = done
         self.bar.refresh()
         if done >= total:

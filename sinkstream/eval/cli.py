@@ -30,8 +30,8 @@ def _configs(args):
     return C.parse_cache_specs(args.compare or args.cache, A.cache_config(args))
 
 
-def _bar(args):
-    return lambda desc: A.Progress(desc, min_total=1, disable=args.quiet)
+def _bar(args, unit: str = "tok"):
+    return lambda desc: A.Progress(desc, min_total=1, disable=args.quiet, unit=unit)
 
 
 def _load(args):
@@ -136,7 +136,7 @@ def _chat(args) -> int:
     questions = chat.read_questions(args.questions, limit=args.limit)
     model, tok = _load(args)
     summary, turns = chat.evaluate(model, tok, _configs(args), questions, max_tokens=args.max_tokens,
-                                   sampling=A.sampling_config(args), system=args.system, progress=_bar(args))
+                                   sampling=A.sampling_config(args), system=args.system, progress=_bar(args, "turn"))
     res = {"turns": sum(len(q) for q in questions), "questions": len(questions), "max_tokens": args.max_tokens,
            "results": summary}
     if args.json_turns:
