@@ -67,11 +67,11 @@ class KVBuffer:
         if S and plan.start < S:  # tokens that become sinks: remember them un-rotated
             n = min(S - plan.start, plan.n_new)
             self.sink_k[:, :, plan.start:plan.start + n] = k_new[:, :, :n]
-        cos, sin = rot.tables(plan.new_pos, self.k.dtype, max_pos=plan.max_pos)
+        (cos, sin), sink_tab = plan.key_tables(rot, self.k.dtype)
         k_rot = apply_rotary(k_new, cos, sin, interleaved=inter)
         have = min(plan.start, S)  # sinks already stored (new ones arrive rotated in k_rot)
         if have:
-            cos, sin = rot.tables(plan.sink_pos[:have], self.k.dtype, max_pos=plan.max_pos)
+            cos, sin = sink_tab[0][:have], sink_tab[1][:have]
             self.k[:, :, :have] = apply_rotary(self.sink_k[:, :, :have], cos, sin, interleaved=inter)
         return k_rot
 

@@ -75,6 +75,15 @@ class Plan:
             self._rope[key] = (tk, tq, ts)
         return self._rope[key]
 
+    def key_tables(self, rotary, dtype: torch.dtype):
+        """cos/sin for the new keys and for the sinks (pre-rotating buffers), once per pass per rotary module."""
+        key = ("keys", id(rotary), dtype)
+        if key not in self._rope:
+            m = self.max_pos
+            self._rope[key] = (rotary.tables(self.new_pos, dtype, max_pos=m),
+                               None if self.sink_pos is None else rotary.tables(self.sink_pos, dtype, max_pos=m))
+        return self._rope[key]
+
     def extend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
         """Hook for per-layer additions to the view (the retrieval memory adds recalled blocks); no-op here."""
         return k, v, self
