@@ -27,11 +27,7 @@ def ppl_curves(path: Path, curves: list[dict], *, title: str = "") -> None:
     ax.set_xlabel("tokens streamed")
     ax.set_ylabel("log perplexity (mean NLL per block)")
     ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(plt, fig, [ax], path)
 
 
 def bench_plot(path: Path, rows: list[dict]) -> None:
@@ -49,12 +45,8 @@ def bench_plot(path: Path, rows: list[dict]) -> None:
         ax.set_xscale("log")
         ax.set_xlabel("stream position (tokens)")
         ax.set_ylabel(ylabel)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
     a.set_ylim(bottom=0)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(plt, fig, [a, b], path)
 
 
 def sink_heatmap(path: Path, mass, *, title: str, epsilon: float) -> None:
@@ -89,11 +81,7 @@ def recall_plot(path: Path, rows: list[dict], *, x: str, xlabel: str, title: str
     ax.set_ylabel("accuracy")
     ax.set_ylim(-0.05, 1.05)
     ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(plt, fig, [ax], path)
 
 
 def chat_plot(path: Path, rows: list[dict]) -> None:
@@ -107,8 +95,14 @@ def chat_plot(path: Path, rows: list[dict]) -> None:
         ax.scatter([r["turn"] for r in bad], [r["reply_tokens"] for r in bad], marker="x", color=line.get_color())
     ax.set_xlabel("turn (one endless session)")
     ax.set_ylabel("reply tokens")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    _save(plt, fig, [ax], path)
+
+
+def _save(plt, fig, axes, path: Path) -> None:
+    """The common finish: light grid, small legend, tight layout, PNG at 120 dpi, figure closed."""
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
