@@ -7,7 +7,7 @@ import torch
 from sinkstream import CacheConfig, SamplingConfig, Session
 from sinkstream.cache import LayerSpec
 from sinkstream.cache.blockstore import BlockStore
-from sinkstream.cache import memory
+from sinkstream.cache import memory_index
 from sinkstream.cache.memory import MemoryCache
 
 
@@ -81,29 +81,64 @@ def test_planted_key_far_beyond_window_is_recalled(representative, B, steps):
     S, W, heads, d = 2, 16, 2, 16
     cache = MemoryCache(CacheConfig("memory", S, W, block_size=B, top_k=1, representative=representative),
                         [LayerSpec(heads, d)])
-    layer = cache.layers[0]
-    g = torch.Generator().manual_seed(0)
-    e = torch.zeros(d)
-    e[3] = 1.0
-    planted, marker = 40, 7.0
-    for t in range(steps):
-        plan = cache.begin(1)[0]
-        k = 0.3 * torch.randn(1, heads, 1, d, generator=g)
-        v = torch.randn(1, heads, 1, d, generator=g)
-        q = 0.3 * torch.randn(1, 2 * heads, 1, d, generator=g)
-        if t == planted:
-            k[0, 0, 0], v[0, 0, 0] = 4 * e, marker
-        if planted < t < planted + 5 or t == steps - 1:  # attended while in the window; asked for at the end
-            q[0, :2, 0] = 4 * e
-        kv = layer.update(k, v, plan)
-        k_all, v_all, ext = plan.extend(q, *kv)
+    layer, planted, marker = cache.layers[0], 40, 7.0
+    k_all, v_all, ext = _planted_stream(cache, steps, planted=planted)
     target = (planted - S) // B
     assert layer.ret_ids[0][0] == target
     assert k_all.shape[2] == S + W + B and ext.k_pos.max() < S + W + B
     assert (v_all[0, 0, -B:] == marker).all(-1).any()  # the planted value is attended
     assert cache.blocks == (steps - W - S) // B
     if B == 2:
-        assert layer.supers > memory.PROBES and target // memory.SUPER_BLOCKS in layer.probed_ids[0]
+        tree = layer.index_tree
+        assert tree.levels[1].count > memory_index.PROBES
+        assert target // memory_index.SUPER_BLOCKS in tree.levels[0].probed_ids[0]
+
+
+def _planted_stream(cache, steps, *, planted=40, seed=0):
+    """Feed one memory layer random single-token steps with one planted key along e (attended for a few
+    steps while in the window) and a query along e at the last step; return the last view and its plan."""
+    layer, heads, d = cache.layers[0], cache.layers[0].ring.k.shape[1], cache.layers[0].ring.k.shape[3]
+    g = torch.Generator().manual_seed(seed)
+    e = torch.zeros(d)
+    e[3] = 1.0
+    for t in range(steps):
+        plan = cache.begin(1)[0]
+        k = 0.3 * torch.randn(1, heads, 1, d, generator=g)
+        v = torch.randn(1, heads, 1, d, generator=g)
+        q = 0.3 * torch.randn(1, 2 * heads, 1, d, generator=g)
+        if t == planted:
+            k[0, 0, 0], v[0, 0, 0] = 4 * e, 7.0
+        if planted < t < planted + 5 or t == steps - 1:
+            q[0, :2, 0] = 4 * e
+        k_all, v_all, ext = plan.extend(q, *layer.update(k, v, plan))
+    return k_all, v_all, ext
+
+
+@pytest.mark.parametrize("representative", ["attention", "mean"])
+def test_deep_index_tree_recalls_and_stays_small(monkeypatch, tmp_path, representative):
+    """Groups of 4 at every level: 590 blocks make a 5-level tree (147, 36, 9, 2 entries above the blocks).
+    The planted block is still found by walking it from the top, the index keeps only a few groups of keys
+    per level on the device, and the whole tree survives save/restore."""
+    monkeypatch.setattr(memory_index, "SUPER_BLOCKS", 4)
+    monkeypatch.setattr(memory_index, "UPPER_GROUP", 4)
+    monkeypatch.setattr(memory_index, "PROBES", 2)
+    cfg = CacheConfig("memory", 2, 16, block_size=2, top_k=1, representative=representative, memory_budget=0,
+                      memory_dir=str(tmp_path))
+    cache = MemoryCache(cfg, [LayerSpec(2, 16)])
+    _, v_all, _ = _planted_stream(cache, 1200)
+    tree = cache.layers[0].index_tree
+    assert [lv.count for lv in tree.levels] == [591, 147, 36, 9, 2]
+    assert cache.layers[0].ret_ids[0][0] == (40 - 2) // 2
+    assert (v_all[0, 0, -2:] == 7.0).all(-1).any()
+    assert all(lv.recent < 2 * lv.group for lv in tree.levels)  # what stays on the device
+    assert all(st.ram_bytes == 0 for st in cache.page_stores.values()) and len(cache.page_stores) == 4
+    restored = MemoryCache(cfg, [LayerSpec(2, 16)])
+    restored.load_state({k: t.clone() for k, t in cache.state().items()})
+    t2 = restored.layers[0].index_tree
+    assert [lv.count for lv in t2.levels] == [lv.count for lv in tree.levels]
+    assert [lv.probed_ids for lv in t2.levels] == [lv.probed_ids for lv in tree.levels]
+    assert torch.equal(t2.levels[0].probed, tree.levels[0].probed)
+    assert torch.equal(restored.layers[0].ring.k, cache.layers[0].ring.k)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -146,10 +181,10 @@ def test_ram_and_scoring_stay_bounded_as_the_stream_grows(tiny, tmp_path):
     for i in range(600, 3000, 600):
         cache.run(tiny, ids[:, i:i + 600])
         assert cache.nbytes == ram and cache.disk_bytes > disk
-        assert layer.blocks - layer.recent_first < 2 * memory.SUPER_BLOCKS  # recent keys: bounded
+        assert layer.index_tree.levels[0].recent < 2 * memory_index.SUPER_BLOCKS  # recent keys: bounded
         disk = cache.disk_bytes
-    assert layer.supers == layer.blocks // memory.SUPER_BLOCKS > 40
-    assert cache.store.ram_bytes == 0 and cache.pages.ram_bytes == 0
+    assert layer.index_tree.levels[1].count == layer.blocks // memory_index.SUPER_BLOCKS > 40
+    assert cache.store.ram_bytes == 0 and cache.page_stores[0].ram_bytes == 0
 
 
 def test_state_round_trips_with_spilled_memory(tiny, tmp_path):
@@ -160,7 +195,7 @@ def test_state_round_trips_with_spilled_memory(tiny, tmp_path):
     assert a.disk_bytes > 0 and a.store.ram_bytes == 0
     b = tiny.make_cache(cfg)
     b.load_state({k: v.clone() for k, v in a.state().items()})
-    assert b.seen == a.seen and b.blocks == a.blocks and a.layers[0].supers == 2
+    assert b.seen == a.seen and b.blocks == a.blocks and a.layers[0].index_tree.levels[1].count == 2
     for i in range(200, 260):  # continue token by token: identical logits
         x = ids[:, i:i + 1]
         assert torch.equal(a.run(tiny, x), b.run(tiny, x))

@@ -1,0 +1,232 @@
+"""The retrieval memory's index: which evicted blocks a layer's queries should recall. A tree of key summaries.
+
+Level 0 entries are the finished blocks, each with ``width`` representative keys per kv head. Every ``group``
+consecutive entries of a level form one entry of the level above: their keys move to that level's page store
+(RAM up to a budget, then disk, see `BlockStore`) as one *page*, and ``SUMMARY_KEYS`` summary keys per kv
+head go up (attention representatives: the most attended keys; mean representatives: the mean key and the
+keys farthest from it, since a needle in a haystack is an outlier, not the mean). Only the entries of each
+level not yet grouped ("recent": fewer than ``group`` + the blocks of one pass) stay in device memory, so
+what the index holds there is O(levels * group) keys: it grows with the logarithm of the stream, not with
+the stream. Level 0 groups ``SUPER_BLOCKS`` blocks (one page = a *super-block*); higher levels group
+``UPPER_GROUP`` entries, so a third level appears only after SUPER_BLOCKS * UPPER_GROUP blocks (131K tokens
+with blocks of 64) and a fourth after 64 times more (8.4M). A level loses nothing while it has at most
+``PROBES`` entries (all of them are probed): the third level starts to choose at 4 * 131K = 524K tokens.
+
+Selection walks the tree from the top. Every candidate's score is its best key (max over its keys) under
+q·k/√d, turned into a softmax over candidates per query head and query; the votes of a kv head's query heads
+and queries are summed. At each level above 0 each kv head *probes* its best few entries: their pages (the
+entries of the level below) are loaded into a per-head buffer, only when the probed set changes, and
+compete with that level's recent entries. At level 0 each kv head takes its top-k blocks.
+"""
+from __future__ import annotations
+
+import torch
+
+SUPER_BLOCKS = 32  # blocks per level-1 entry (super-block)
+UPPER_GROUP = 64   # entries per entry of the next level, for levels 1 and up
+SUMMARY_KEYS = 2   # summary keys per entry and kv head, levels 1 and up
+PROBES = 4         # entries per kv head whose pages are scored at the level below
+
+
+class _Level:
+    """One level: its recent (ungrouped) entries' keys, its page store, and the pages probed into it."""
+
+    def __init__(self, heads: int, head_dim: int, width: int, group: int, probes: int, *, dtype, device):
+        self.width, self.group, self.probes = width, group, probes
+        self.first = 0  # first entry not yet grouped
+        self.count = 0  # entries so far
+        self.keys = torch.zeros(heads, 2 * group * width, head_dim, dtype=dtype, device=device)  # grows
+        self.acc = torch.zeros(heads, 2 * group * width, device=device)
+        self.store = None  # pages of grouped entries; created with the first group
+        # pages of the probed entries of the level above: keys, the entry id of each column group, and the
+        # id of the entry above that each probe slot holds
+        self.probed = torch.zeros(heads, probes * group * width, head_dim, dtype=dtype, device=device)
+        self.probed_entry = torch.full((heads, probes * group), -1, dtype=torch.long, device=device)
+        self.probed_ids = [[-1] * probes for _ in range(heads)]
+
+    @property
+    def recent(self) -> int:
+        return self.count - self.first
+
+    def append(self, keys: torch.Tensor, acc: torch.Tensor | None) -> None:
+        w, n = self.width, self.recent
+        if (n + 1) * w > self.keys.shape[1]:
+            self.keys = torch.cat([self.keys, torch.zeros_like(self.keys)], 1)
+            self.acc = torch.cat([self.acc, torch.zeros_like(self.acc)], 1)
+        self.keys[:, n * w:(n + 1) * w] = keys
+        if acc is not None:
+            self.acc[:, n * w:(n + 1) * w] = acc
+        self.count += 1
+
+    def pop_group(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Remove the oldest `group` recent entries; return their keys and attention received."""
+        gw, n = self.group * self.width, self.recent * self.width
+        page, acc = self.keys[:, :gw].clone(), self.acc[:, :gw].clone()
+        self.keys[:, :n - gw] = self.keys[:, gw:n].clone()
+        self.acc[:, :n - gw] = self.acc[:, gw:n].clone()
+        self.first += self.group
+        return page, acc
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.keys, self.acc, self.probed, self.probed_entry))
+
+
+class BlockIndex:
+    """One memory layer's index over its finished blocks (see the module docstring).
+
+    ``page_store(level)`` returns the shared `BlockStore` for the pages of `level` (created on first use);
+    ``layer`` is this layer's key in those stores."""
+
+    def __init__(self, layer: int, heads: int, head_dim: int, *, width: int, top_k: int, by_attention: bool,
+                 page_store, dtype, device):
+        self.layer, self.heads, self.head_dim = layer, heads, head_dim
+        self.by_attention, self.page_store = by_attention, page_store
+        self.dtype, self.device = dtype, device
+        self.scale = head_dim ** -0.5
+        # enough level-0 probes that top_k blocks can always come from probed super-blocks
+        probes0 = max(PROBES, -(-top_k // SUPER_BLOCKS) + 1)
+        self.levels = [_Level(heads, head_dim, width, SUPER_BLOCKS, probes0, dtype=dtype, device=device)]
+        self.page_loads = 0
+
+    @property
+    def blocks(self) -> int:
+        return self.levels[0].count
+
+    def add_block(self, keys: torch.Tensor, acc: torch.Tensor | None) -> None:
+        """A finished block's representative keys [kv_heads, width, d] (and the attention they received)."""
+        self.levels[0].append(keys, acc)
+
+    # --- grouping -----------------------------------------------------------------------------------
+    def _new_level(self) -> _Level:
+        return _Level(self.heads, self.head_dim, SUMMARY_KEYS, UPPER_GROUP, PROBES, dtype=self.dtype,
+                      device=self.device)
+
+    def _summarize(self, page: torch.Tensor, acc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        rs = SUMMARY_KEYS
+        if self.by_attention:  # the group's most attended keys
+            top = acc.topk(rs, dim=1)
+            return page.gather(1, top.indices[..., None].expand(-1, -1, page.shape[-1])), top.values
+        mean = page.float().mean(1, keepdim=True)
+        far = (page.float() - mean).norm(dim=-1).topk(rs - 1, dim=1).indices[..., None]
+        return torch.cat([mean.to(page.dtype), page.gather(1, far.expand(-1, -1, page.shape[-1]))], 1), None
+
+    def promote(self, eligible: int) -> None:
+        """Group every full run of recent entries, level by level; level 0 only up to `eligible` blocks
+        (blocks filled during the current pass are not retrievable yet)."""
+        lv = 0
+        while lv < len(self.levels):
+            level = self.levels[lv]
+            limit = eligible if lv == 0 else level.count
+            while level.first + level.group <= limit:
+                index = level.first // level.group
+                page, acc = level.pop_group()
+                if level.store is None:
+                    level.store = self.page_store(lv)
+                level.store.put(self.layer, index, page, page.new_zeros(page.shape[0], page.shape[1], 0))
+                if lv + 1 == len(self.levels):
+                    self.levels.append(self._new_level())
+                self.levels[lv + 1].append(*self._summarize(page, acc))
+            lv += 1
+
+    # --- selection ----------------------------------------------------------------------------------
+    def _votes(self, qg: torch.Tensor, keys: torch.Tensor, width: int) -> torch.Tensor:
+        s = torch.matmul(qg, keys.transpose(1, 2)).float() * self.scale
+        return s.view(self.heads, qg.shape[1], -1, width).amax(-1)  # [kv_heads, queries, candidates]
+
+    def select(self, qg: torch.Tensor, eligible: int, k: int) -> list[list[int]]:
+        """Each kv head's top-k block ids (sorted) for queries qg [kv_heads, queries, d]."""
+        self.promote(eligible)
+        top = len(self.levels) - 1
+        level = self.levels[top]
+        keys = level.keys[:, :level.recent * level.width]
+        ids = torch.arange(level.first, level.count, device=qg.device).expand(self.heads, -1)
+        for lv in range(top, 0, -1):
+            below = self.levels[lv - 1]
+            p = min(below.probes, ids.shape[1])
+            votes = self._votes(qg, keys, self.levels[lv].width).softmax(-1).sum(1)
+            chosen = ids.gather(1, votes.topk(p, dim=-1).indices).tolist()
+            self._load_pages(below, _reassign(below.probed_ids, chosen))
+            n = p * below.group
+            keys = torch.cat([below.probed[:, :n * below.width], below.keys[:, :below.recent * below.width]], 1)
+            ids = torch.cat([below.probed_entry[:, :n],
+                             torch.arange(below.first, below.count, device=qg.device).expand(self.heads, -1)], 1)
+        s = self._votes(qg, keys, self.levels[0].width)
+        s = s.masked_fill((ids >= eligible)[:, None], float("-inf"))  # filled during this pass
+        votes = s.softmax(-1).sum(1)
+        k = min(k, eligible)
+        return ids.gather(1, votes.topk(k, dim=-1).indices).sort(-1).values.tolist()
+
+    def _load_pages(self, level: _Level, loads: list[tuple[int, int, int]]) -> None:
+        """Probe slot j of kv head h <- page e of `level` (the entries of level-above entry e), per (h, j, e)."""
+        if not loads:
+            return
+        self.page_loads += len(loads)
+        dev, G = level.probed.device, level.group
+        pages = {e: level.store.get(self.layer, e)[0] for e in {e for _, _, e in loads}}
+        h, j, e = (torch.tensor(x, device=dev) for x in zip(*loads))
+        keys = torch.stack([pages[x][hh] for hh, _, x in loads]).to(dev)  # [loads, G * width, d]
+        level.probed.view(self.heads, level.probes, -1, keys.shape[-1])[h, j] = keys
+        level.probed_entry.view(self.heads, level.probes, G)[h, j] = e[:, None] * G + torch.arange(G, device=dev)
+
+    # --- accounting and persistence -----------------------------------------------------------------
+    def nbytes(self) -> int:
+        return sum(level.nbytes() for level in self.levels)
+
+    def state(self) -> dict[str, torch.Tensor]:
+        """Per level: every entry's keys in order (pages, then recent), the recent entries' attention
+        received, where grouping stands and which pages are probed."""
+        out = {}
+        for lv, level in enumerate(self.levels):
+            pages = [level.store.get(self.layer, i)[0] for i in range(level.first // level.group)]
+            keys = pages + [level.keys[:, :level.recent * level.width]]
+            out[f"index{lv}_keys"] = torch.cat([t.to(level.keys) for t in keys], 1).cpu()
+            out[f"index{lv}_acc"] = level.acc[:, :level.recent * level.width].cpu()
+            out[f"index{lv}_first"] = torch.tensor([level.first])
+            out[f"index{lv}_probed"] = torch.tensor(level.probed_ids)
+        return out
+
+    def load_state(self, st: dict[str, torch.Tensor]) -> None:
+        """Restore into a fresh index (its page stores empty)."""
+        lv = 0
+        self.levels = self.levels[:1]
+        while f"index{lv}_keys" in st:
+            if lv == len(self.levels):
+                self.levels.append(self._new_level())
+            level = self.levels[lv]
+            level.store = None  # the cache hands out fresh (empty) page stores after a restore
+            keys, first = st[f"index{lv}_keys"].to(level.keys), int(st[f"index{lv}_first"])
+            w, gw = level.width, level.group * level.width
+            for i in range(first // level.group):
+                if level.store is None:
+                    level.store = self.page_store(lv)
+                page = keys[:, i * gw:(i + 1) * gw]
+                level.store.put(self.layer, i, page, page.new_zeros(page.shape[0], gw, 0))
+            recent = keys[:, first * w:]
+            m = max(2 * gw, 2 * recent.shape[1])
+            level.keys = level.keys.new_zeros(self.heads, m, self.head_dim)
+            level.acc = level.acc.new_zeros(self.heads, m)
+            level.keys[:, :recent.shape[1]] = recent
+            level.acc[:, :recent.shape[1]] = st[f"index{lv}_acc"].to(level.acc)
+            level.first, level.count = first, keys.shape[1] // w
+            level.probed_ids = st[f"index{lv}_probed"].tolist()
+            level.probed_entry.fill_(-1)
+            lv += 1
+        for lv in range(len(self.levels) - 1):  # re-load the probed pages of every level below the top
+            below = self.levels[lv]
+            self._load_pages(below, [(h, j, e) for h, row in enumerate(below.probed_ids)
+                                     for j, e in enumerate(row) if e >= 0])
+
+
+def _reassign(slots: list[list[int]], chosen: list[list[int]]) -> list[tuple[int, int, int]]:
+    """Per head, put the chosen ids into slots[h][:len(chosen[h])] by set, not by order: an id already in a
+    slot stays there (nothing to load); the others take the slots of ids no longer chosen. Returns the
+    (head, slot, id) loads to do; `slots` is updated."""
+    loads = []
+    for h, row in enumerate(chosen):
+        have, k = slots[h], len(row)
+        new = [x for x in row if x not in have[:k]]
+        for j in range(k):
+            if new and have[j] not in row:
+                have[j] = new.pop(0)
+                loads.append((h, j, have[j]))
+    return loads
