@@ -28,6 +28,12 @@ say "sinkstream eval chat --questions \$DATA/mt_bench.jsonl --limit 8 --max-toke
   --out "$OUT/chat" -q | tee "$OUT/chat.txt"
 cp "$OUT/chat/chat_turns.png" docs/img/chat_turns.png
 
+# all 80 questions x 2 turns (about 70 min on one core of this machine)
+say "sinkstream eval chat --questions \$DATA/mt_bench.jsonl --max-tokens 128 --compare dense,sink:4+1020,window:1024"
+"$SS" eval chat --questions "$DATA/mt_bench.jsonl" --max-tokens 128 --compare dense,sink:4+1020,window:1024 \
+  --out "$OUT/chat_full" -q | tee "$OUT/chat_full.txt"
+cp "$OUT/chat_full/chat_turns.png" docs/img/chat_full.png
+
 say "sinkstream bench --tokens 30000 --compare sink:4+1020,dense,recompute:1024 --decode-steps 8 --peers"
 "$SS" bench --tokens 30000 --compare sink:4+1020,dense,recompute:1024 --decode-steps 8 --peers \
   --out "$OUT/bench" -q 2>/dev/null | tee "$OUT/bench.txt"
