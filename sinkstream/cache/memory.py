@@ -56,13 +56,17 @@ import torch
 from . import CacheConfig, LayerSpec, StreamCache
 from .blockstore import BlockStore
 from .kv import KVBuffer
-from . import memory_index
-from .memory_index import BlockIndex, _reassign
+from .memory_index import BlockIndex, _reassign, level_shape
 from .plan import Plan, RingSlots
 
 REP_KEYS = 4       # representative keys per block and kv head, representative="attention"
 VOTERS = 16        # queries of a chunk (its last ones) whose votes choose the chunk's blocks
 PAGE_BUDGET_SHARE = 8  # super-blocks' block keys may use memory_budget / 8 of RAM before spilling
+
+
+def _rep_width(config: CacheConfig) -> int:
+    """Representative keys per block and kv head."""
+    return min(REP_KEYS, config.block_size) if config.representative == "attention" else 1
 
 
 @dataclass
@@ -87,7 +91,7 @@ class MemoryLayer:
         self.index, self.ring, self.store = index, ring, store
         self.block_size, self.top_k = config.block_size, config.top_k
         self.by_attention = config.representative == "attention"
-        self.reps_per_block = r = min(REP_KEYS, config.block_size) if self.by_attention else 1
+        self.reps_per_block = r = _rep_width(config)
         _, heads, slots, head_dim = ring.k.shape
         dv = ring.v.shape[-1]
         dev, dt, B = ring.k.device, ring.k.dtype, config.block_size
@@ -308,15 +312,10 @@ class MemoryCache(StreamCache):
         if level not in self.page_stores:
             c = self.config
             spec, n = self.specs[self.memory_layers[0]], len(self.memory_layers)
-            mi = memory_index
-            if level == 0:
-                width = min(REP_KEYS, c.block_size) if c.representative == "attention" else 1
-                keys, probes = mi.SUPER_BLOCKS * width, max(mi.PROBES, -(-c.top_k // mi.SUPER_BLOCKS) + 1)
-                share = PAGE_BUDGET_SHARE
-            else:
-                keys, probes, share = mi.UPPER_GROUP * mi.SUMMARY_KEYS, mi.PROBES, 16 * PAGE_BUDGET_SHARE
+            keys, group, probes = level_shape(level, _rep_width(c), c.top_k)
+            share = PAGE_BUDGET_SHARE if level == 0 else 16 * PAGE_BUDGET_SHARE
             self.page_stores[level] = BlockStore(
-                n, spec.kv_heads, keys, spec.head_dim, 0, dtype=self.kv_dtype,
+                n, spec.kv_heads, keys * group, spec.head_dim, 0, dtype=self.kv_dtype,
                 budget=None if c.memory_budget is None else c.memory_budget // share,
                 directory=c.memory_dir, hot_blocks=probes * n)
         return self.page_stores[level]

@@ -28,6 +28,14 @@ SUMMARY_KEYS = 2   # summary keys per entry and kv head, levels 1 and up
 PROBES = 4         # entries per kv head whose pages are scored at the level below
 
 
+def level_shape(level: int, width: int, top_k: int) -> tuple[int, int, int]:
+    """(keys per entry, entries per page, probes) of index level `level`; `width` = keys per block. Level 0
+    gets enough probes that top_k blocks can always come from probed super-blocks."""
+    if level == 0:
+        return width, SUPER_BLOCKS, max(PROBES, -(-top_k // SUPER_BLOCKS) + 1)
+    return SUMMARY_KEYS, UPPER_GROUP, PROBES
+
+
 class _Level:
     """One level: its recent (ungrouped) entries' keys, its page store, and the pages probed into it."""
 
@@ -83,9 +91,8 @@ class BlockIndex:
         self.by_attention, self.page_store = by_attention, page_store
         self.dtype, self.device = dtype, device
         self.scale = head_dim ** -0.5
-        # enough level-0 probes that top_k blocks can always come from probed super-blocks
-        probes0 = max(PROBES, -(-top_k // SUPER_BLOCKS) + 1)
-        self.levels = [_Level(heads, head_dim, width, SUPER_BLOCKS, probes0, dtype=dtype, device=device)]
+        self.width, self.top_k = width, top_k
+        self.levels = [self._new_level(0)]
         self.page_loads = 0
 
     @property
@@ -97,8 +104,8 @@ class BlockIndex:
         self.levels[0].append(keys, acc)
 
     # --- grouping -----------------------------------------------------------------------------------
-    def _new_level(self) -> _Level:
-        return _Level(self.heads, self.head_dim, SUMMARY_KEYS, UPPER_GROUP, PROBES, dtype=self.dtype,
+    def _new_level(self, level: int) -> _Level:
+        return _Level(self.heads, self.head_dim, *level_shape(level, self.width, self.top_k), dtype=self.dtype,
                       device=self.device)
 
     def _summarize(self, page: torch.Tensor, acc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -124,7 +131,7 @@ class BlockIndex:
                     level.store = self.page_store(lv)
                 level.store.put(self.layer, index, page, page.new_zeros(page.shape[0], page.shape[1], 0))
                 if lv + 1 == len(self.levels):
-                    self.levels.append(self._new_level())
+                    self.levels.append(self._new_level(lv + 1))
                 self.levels[lv + 1].append(*self._summarize(page, acc))
             lv += 1
 
@@ -191,7 +198,7 @@ class BlockIndex:
         self.levels = self.levels[:1]
         while f"index{lv}_keys" in st:
             if lv == len(self.levels):
-                self.levels.append(self._new_level())
+                self.levels.append(self._new_level(lv))
             level = self.levels[lv]
             level.store = None  # the cache hands out fresh (empty) page stores after a restore
             keys, first = st[f"index{lv}_keys"].to(level.keys), int(st[f"index{lv}_first"])
