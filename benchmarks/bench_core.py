@@ -3,7 +3,9 @@
 Prints, from one run on one machine:
   * sink(S, W) decode ms/token and process RSS at stream positions 1K, 10K, 100K (positions are reached by
     chunked prefill, then `--steps` decode steps are timed there); ratio of the last to the first;
-  * HF transformers dense decoding ms/token at 2K context (same weights, same process); ours / HF;
+  * HF transformers dense decoding ms/token at 2K context (same weights, same process); ours / HF, for
+    ours in float32 (the same weights and dtype as HF) and with int4 weights (`--hf-ours`; the GGUF's own
+    4-bit precision, as llama.cpp runs it, see sinkstream/quant.py);
   * recompute(W2) vs sink(4, W2-4) decode ms/token at a full window; ratio.
 
     .venv/bin/python benchmarks/bench_core.py                      # the full run (~10 min on 2 cores)
@@ -66,6 +68,9 @@ def main() -> None:
     p.add_argument("--positions", default="1000,10000,100000")
     p.add_argument("--steps", type=int, default=24, help="decode steps timed at each position")
     p.add_argument("--hf-context", type=int, default=2048)
+    p.add_argument("--quant", default="none", help="weights of the model in the positions/recompute sections")
+    p.add_argument("--hf-ours", default="none,int4",
+                   help="weight quantizations of our model timed against HF (comma-separated: none, int8, int4)")
     p.add_argument("--recompute-window", type=int, default=1024)
     p.add_argument("--recompute-steps", type=int, default=4)
     p.add_argument("--chunk", type=int, default=1024, help="prefill chunk used to reach far positions")
@@ -73,9 +78,10 @@ def main() -> None:
                    help="which parts to run (comma-separated: positions, hf, recompute)")
     args = p.parse_args()
 
-    model, tok = sinkstream.load(args.model, device=args.device)
+    model, tok = sinkstream.load(args.model, device=args.device, quant=args.quant)
     dev = model.device
-    print(f"# model {model.source} | device {dev} | dtype {model.dtype} | torch threads {torch.get_num_threads()}")
+    print(f"# model {model.source} | device {dev} | dtype {model.dtype} | quant {args.quant} "
+          f"| torch threads {torch.get_num_threads()}")
     positions = [int(x) for x in args.positions.split(",")]
     ids = stream_tokens(tok, max(positions) + args.steps + 8).to(dev)
     x1 = ids[:1].view(1, 1)
@@ -116,30 +122,34 @@ def positions_section(model, args, positions, ids, x1, dev) -> None:
 
 def hf_section(model, args, ids, x1, dev) -> None:
     """2. HF transformers dense decoding at 2K context, same weights, steps interleaved with ours (a full
-    sink cache of the same size), so both see the same machine load."""
+    sink cache of the same size, for each of --hf-ours), so all see the same machine load."""
     from transformers import AutoModelForCausalLM, DynamicCache
     src = resolve(args.model)
     folder = convert_gguf(src) if src.is_file() else src
     hf = AutoModelForCausalLM.from_pretrained(str(folder), dtype=model.dtype).to(dev).eval()
     state = DynamicCache(config=hf.config)
     hf(ids[:args.hf_context].view(1, -1), past_key_values=state, use_cache=True)
-    ours = model.make_cache(CacheConfig("sink", args.sinks, args.window, prefill_chunk=args.chunk))
-    ours.run(model, ids[:2 * (args.sinks + args.window)].view(1, -1))  # full, and past its first eviction
-    t_ours, t_hf = [], []
+    runs = {"HF dense": (lambda: hf(x1, past_key_values=state, use_cache=True), [])}
+    for quant in args.hf_ours.split(","):
+        m = model if quant == getattr(model, "quant", "none") else \
+            sinkstream.load(args.model, device=args.device, dtype=model.dtype, quant=quant, quiet=True)[0]
+        ours = m.make_cache(CacheConfig("sink", args.sinks, args.window, prefill_chunk=args.chunk))
+        ours.run(m, ids[:2 * (args.sinks + args.window)].view(1, -1))  # full, and past its first eviction
+        runs[f"ours {quant}"] = (lambda m=m, ours=ours: ours.run(m, x1), [])
     for i in range(args.steps + 2):
-        for fn, acc in ((lambda: ours.run(model, x1), t_ours),
-                        (lambda: hf(x1, past_key_values=state, use_cache=True), t_hf)):
+        for fn, acc in runs.values():
             sync(dev)
             t = time.perf_counter()
             fn()
             sync(dev)
             if i >= 2:
                 acc.append(time.perf_counter() - t)
-    ours_ms, hf_ms = statistics.median(t_ours) * 1e3, statistics.median(t_hf) * 1e3
-    print(f"\n## HF transformers dense decoding at {args.hf_context} context vs ours, interleaved steps")
-    print(f"HF dense {hf_ms:.2f} ms/token | ours sink({args.sinks},{args.window}), full cache, stream at "
-          f"{ours.seen}: {ours_ms:.2f} ms/token | ours / HF: {ours_ms / hf_ms:.3f}")
-    del hf, state, ours
+    ms = {name: statistics.median(acc) * 1e3 for name, (fn, acc) in runs.items()}
+    print(f"\n## HF transformers dense decoding at {args.hf_context} context ({model.dtype}) vs ours "
+          f"sink({args.sinks},{args.window}) with a full cache, interleaved steps")
+    for name, v in ms.items():
+        print(f"{name:>12}: {v:7.2f} ms/token | / HF: {v / ms['HF dense']:.3f}")
+    del hf, state, runs
     gc.collect()
 
 

@@ -14,6 +14,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="a .gguf file, a Hugging Face folder, or a short name (default: smollm2)")
     g.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:1, mps")
     g.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16")
+    g.add_argument("--quant", default="none", choices=["none", "int8", "int4"],
+                   help="weight-only quantization of the linear layers: int4 (groups of 32, output layer "
+                        "int8) decodes about 2x faster on a CPU; none keeps --dtype (default)")
 
 
 def add_cache_args(p: argparse.ArgumentParser, *, default_policy: str = "sink", extra_policies=()) -> None:
@@ -80,13 +83,13 @@ def sampling_config(args) -> SamplingConfig:
 
 
 def load_model(args):
-    """(model, tokenizer) for --model/--device/--dtype."""
+    """(model, tokenizer) for --model/--device/--dtype/--quant."""
     import torch
 
     from .loading import load
     if getattr(args, "seed", None) is not None:
         torch.manual_seed(args.seed)
-    return load(args.model, dtype=args.dtype, device=args.device)
+    return load(args.model, dtype=args.dtype, device=args.device, quant=getattr(args, "quant", None))
 
 
 class Progress:

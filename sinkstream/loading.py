@@ -218,8 +218,11 @@ class Loaded:
 
 
 def load(model: str | os.PathLike | None = None, *, dtype: str | torch.dtype | None = "auto",
-         device: str | None = "auto", quiet: bool = False):
-    """Return (model, tokenizer). `model`: HF folder, .gguf path, short name, or None for SmolLM2-135M."""
+         device: str | None = "auto", quiet: bool = False, quant: str | None = None, quant_group: int = 32):
+    """Return (model, tokenizer). `model`: HF folder, .gguf path, short name, or None for SmolLM2-135M.
+
+    `quant`: "int4" or "int8" re-quantizes the linear layers' weights for faster decoding and less RAM
+    (see sinkstream.quant); None or "none" keeps them in `dtype`."""
     src = resolve(model)
     folder = convert_gguf(src, quiet=quiet) if src.is_file() else src
     try:
@@ -230,6 +233,8 @@ def load(model: str | os.PathLike | None = None, *, dtype: str | torch.dtype | N
     dev = pick_device(device)
     dt = pick_dtype(dtype, dev)
     net = build_model(config, _read_safetensors(folder), dtype=dt, device=dev)
+    from .quant import quantize
+    quantize(net, quant, quant_group)
     from .tokenizer import load_tokenizer
     tok = load_tokenizer(folder)
     net.source = str(src)

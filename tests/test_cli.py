@@ -69,6 +69,8 @@ def test_generate_and_models_real():
     p = run("generate", "The capital of France is", "--max-tokens", "6", "--window", "60", "-v")
     assert p.returncode == 0 and "Paris" in p.stdout, p.stderr
     assert "tok/s" in p.stderr
+    p = run("generate", "The capital of France is", "--max-tokens", "6", "--window", "60", "--quant", "int4")
+    assert p.returncode == 0 and "Paris" in p.stdout, p.stderr
     p = run("models")
     assert p.returncode == 0 and "llama" in p.stdout
 

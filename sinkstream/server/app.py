@@ -41,6 +41,7 @@ class Settings:
     model_id: str = "smollm2"               # the name clients use in "model"
     device: str = "auto"
     dtype: str = "auto"
+    quant: str = "none"                     # weight quantization, as load(quant=)
     cache: CacheConfig = field(default_factory=CacheConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)  # defaults for omitted fields
     state_dir: str | None = None            # None: a temporary folder, sessions end with the process
@@ -61,7 +62,8 @@ class ServerState:
     def load(self, loader: Callable, on_error: Callable[[str], None]) -> None:
         s = self.settings
         try:
-            model, tokenizer = loader(s.model, dtype=s.dtype, device=s.device, quiet=True)
+            extra = {} if s.quant in (None, "none") else {"quant": s.quant}
+            model, tokenizer = loader(s.model, dtype=s.dtype, device=s.device, quiet=True, **extra)
             folder = s.state_dir
             if folder is None:
                 self.tmp = tempfile.TemporaryDirectory(prefix="sinkstream-sessions-")
@@ -200,7 +202,8 @@ class Events:
 
 def create_app(settings: Settings, *, loader: Callable | None = None,
                on_load_error: Callable[[str], None] = lambda msg: None) -> FastAPI:
-    """The app; `loader(model, dtype=, device=, quiet=)` -> (model, tokenizer), default sinkstream.load."""
+    """The app; `loader(model, dtype=, device=, quiet=[, quant=])` -> (model, tokenizer), default
+    sinkstream.load."""
     state = ServerState(settings)
 
     async def lifespan(app):

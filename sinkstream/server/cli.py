@@ -63,8 +63,9 @@ def serve(args) -> int:
                     max_body_bytes=args.max_body_bytes, max_queue=args.max_queue,
                     max_live=args.max_live_sessions, max_sessions=args.max_sessions)
     settings = Settings(model=args.model, model_id=args.model_name or settings_id(args.model), device=args.device,
-                        dtype=args.dtype, cache=A.cache_config(args), sampling=A.sampling_config(args),
-                        state_dir=args.state_dir, api_key=args.api_key or None, limits=limits)
+                        dtype=args.dtype, quant=args.quant, cache=A.cache_config(args),
+                        sampling=A.sampling_config(args), state_dir=args.state_dir, api_key=args.api_key or None,
+                        limits=limits)
     failed = []
 
     def on_load_error(message: str) -> None:
