@@ -62,13 +62,14 @@ def main() -> None:
     ap.add_argument("--budget", type=parse_size, default=parse_size("64M"))
     ap.add_argument("--decode", type=int, default=32, help="decode steps timed at each position")
     ap.add_argument("--tiny", action="store_true", help="a tiny random model instead of SmolLM2")
+    ap.add_argument("--quant", default="none", help="SmolLM2's weights: none, int8, int4 (see sinkstream.quant)")
     args = ap.parse_args()
-    model, tok = (tiny_model(), None) if args.tiny else sinkstream.load(quiet=True)
+    model, tok = (tiny_model(), None) if args.tiny else sinkstream.load(quiet=True, quant=args.quant)
     positions = [int(float(p)) for p in args.positions.split(",")]
     ids = stream_tokens_of(tok, positions[-1] + args.decode * len(positions), model.config.vocab_size)
     proc = psutil.Process(os.getpid())
     print(f"{'tiny random model' if args.tiny else 'SmolLM2-135M'}, cache {args.sinks}+{args.window}, block "
-          f"{args.block_size}, top-k {args.top_k}, memory budget {args.budget / 2**20:.0f} MiB, "
+          f"{args.block_size}, top-k {args.top_k}, weights {args.quant}, memory budget {args.budget / 2**20:.0f} MiB, "
           f"{torch.get_num_threads()} thread(s)")
     specs = args.policies.split(",")
     caches = {}
