@@ -169,17 +169,18 @@ def test_spilled_blocks_read_back_exactly(tmp_path, dtype):
 
 
 def test_ram_and_scoring_stay_bounded_as_the_stream_grows(tiny, tmp_path):
-    """Budget 0: every finished block and page goes to disk. Past the first super-blocks, RAM on the cache
-    side stays the same (the summary tier grows by 2 keys per 32 blocks, inside its preallocated room) and
-    each step scores a fixed number of block keys."""
+    """Budget 0: every finished block and page goes to disk. Once the stores' small hot caches are full,
+    RAM on the cache side stays the same (the summary tier grows by 2 keys per 32 blocks, inside its
+    preallocated room) and each step scores a fixed number of block keys."""
     cfg = CacheConfig("memory", 4, 24, block_size=2, top_k=2, memory_budget=0, memory_dir=str(tmp_path),
                       prefill_chunk=24)
-    ids = torch.randint(0, 256, (1, 3000), generator=torch.Generator().manual_seed(5))
+    ids = torch.randint(0, 256, (1, 3600), generator=torch.Generator().manual_seed(5))
     cache = tiny.make_cache(cfg)
-    cache.run(tiny, ids[:, :600])
+    cache.run(tiny, ids[:, :1500])
+    assert all(len(st.hot) == st.hot_blocks for st in cache._stores())
     ram, disk, layer = cache.nbytes, cache.disk_bytes, cache.layers[0]
-    for i in range(600, 3000, 600):
-        cache.run(tiny, ids[:, i:i + 600])
+    for i in range(1500, 3600, 700):
+        cache.run(tiny, ids[:, i:i + 700])
         assert cache.nbytes == ram and cache.disk_bytes > disk
         assert layer.index_tree.levels[0].recent < 2 * memory_index.SUPER_BLOCKS  # recent keys: bounded
         disk = cache.disk_bytes
@@ -249,3 +250,33 @@ def test_cli_flags_build_a_memory_config():
     assert A.parse_size("512M") == 512 * 2**20 and A.parse_size("4096") == 4096
     with pytest.raises(ValueError):
         CacheConfig("memory", 4, 60, representative="median")
+
+
+def test_decode_steps_rescore_only_the_new_voter(tiny):
+    """Between block finalizations a decode step scores only its own query: the kept per-voter vote rows
+    must equal scoring all VOTERS queries again, and the step-by-step selection must be the one a full
+    re-scoring gives."""
+    cfg = CacheConfig("memory", 4, 24, block_size=4, top_k=2, prefill_chunk=24)
+    ids = torch.randint(0, 256, (1, 700), generator=torch.Generator().manual_seed(11))
+    inc, full = tiny.make_cache(cfg), tiny.make_cache(cfg)
+    inc.run(tiny, ids[:, :600])
+    full.run(tiny, ids[:, :600])
+    for layer in full.layers:  # this cache re-scores every voter at every step
+        layer._remember = (lambda f: lambda qg, chunk: (f(qg, chunk), None)[1])(layer._remember)
+    tree = inc.layers[0].index_tree
+    scored = []  # queries scored per call on one layer of the incremental cache
+    tree._votes = (lambda f: lambda qg, keys, width: (scored.append(qg.shape[1]), f(qg, keys, width))[1])(
+        tree._votes)
+    for t in range(600, 700):
+        a, b = inc.run(tiny, ids[:, t:t + 1]), full.run(tiny, ids[:, t:t + 1])
+        assert torch.allclose(a, b, atol=1e-4)
+        for la, lb in zip(inc.layers, full.layers):
+            assert la.ret_ids == lb.ret_ids
+    layer = inc.layers[0]
+    g = layer.voters.shape[1]
+    assert scored.count(g) > 0.6 * len(scored)  # most calls scored one query per query head
+    level = tree.levels[0]
+    keys = level.candidates[0] if level.candidates is not None else level.keys[:, :level.recent * level.width]
+    want = tree._votes(layer.voters.reshape(layer.voters.shape[0], -1, layer.voters.shape[-1]), keys,
+                       level.width).softmax(-1)
+    assert torch.allclose(level.votes[1].reshape(want.shape), want, atol=1e-6)

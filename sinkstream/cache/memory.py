@@ -14,8 +14,8 @@ Which blocks are recalled: `sinkstream.cache.memory_index`, a tree of key summar
 representative keys are grouped by ``SUPER_BLOCKS`` (G) into super-blocks, super-blocks by ``UPPER_GROUP``
 into the next level, and so on; a grouped run's keys go to a page store (RAM up to
 ``memory_budget / PAGE_BUDGET_SHARE``, then disk) and ``SUMMARY_KEYS`` summary keys per kv head go up a
-level. In every pass each layer walks the tree from the top with its queries (the pass's last ``VOTERS``
-of them): per level each kv head probes its best ``PROBES`` entries, whose pages compete with the level's
+level. In every pass each layer walks the tree from the top with the stream's last ``VOTERS`` queries (a
+decode step's own query and the 15 before it; a long chunk's last 16): per level each kv head probes its best ``PROBES`` entries, whose pages compete with the level's
 not-yet-grouped entries one level down, and at the bottom each kv head takes its own top-k blocks; it
 attends to sinks + those blocks + the window (a block's K/V are copied in only when it newly enters the
 selection). Prompts are fed in chunks of at most W tokens, so a question at the end of a long prompt is
@@ -60,7 +60,7 @@ from .memory_index import BlockIndex, _reassign, level_shape
 from .plan import Plan, RingSlots
 
 REP_KEYS = 4       # representative keys per block and kv head, representative="attention"
-VOTERS = 16        # queries of a chunk (its last ones) whose votes choose the chunk's blocks
+VOTERS = 16        # the stream's last queries, whose votes choose a pass's blocks
 PAGE_BUDGET_SHARE = 8  # super-blocks' block keys may use memory_budget / 8 of RAM before spilling
 
 
@@ -75,6 +75,7 @@ class MemoryPlan(Plan):
     evict_slots: torch.Tensor | None = None  # [m_old] ring slots whose tokens leave the window in this pass
     evict_src: torch.Tensor | None = None    # [m_new] new tokens of this pass that leave it within the pass
     evict_cols: torch.Tensor | None = None   # [m] view columns of those tokens (read-then-write passes only)
+    evict_one: int | None = None             # the slot, when evict_slots is one slot (a decode step)
     blocks: int = 0                          # blocks retrievable in this pass
     extended: Plan | None = None             # plan over [view, retrieved columns]; None when blocks == 0
     layer: MemoryLayer | None = None
@@ -114,6 +115,10 @@ class MemoryLayer:
         self.ret_k, self.ret_v = ring.k[:, :, slots:], ring.v[:, :, slots:]
         self.ret_ids = [[-1] * self.top_k for _ in range(heads)]
         self.pending = None  # (k [kv_heads, m, d], v, acc [kv_heads, m]) evicted in this pass
+        # the stream's last VOTERS queries (un-rotated), [kv_heads, g, VOTERS, d], in ring order: votes are
+        # summed, so their order does not matter. One decode step replaces one, so what a step recalls
+        # follows the stream instead of jumping with every token's query.
+        self.voters, self.voter_fill, self.voter_pos = None, 0, 0
         self.block_loads = 0  # blocks copied into the recall buffers so far (how much the selection changes)
 
     @property
@@ -129,7 +134,11 @@ class MemoryLayer:
     def update(self, k_new: torch.Tensor, v_new: torch.Tensor, plan: MemoryPlan):
         """Store this pass's K/V like a sink cache, keeping (not dropping) the tokens that leave the window."""
         parts = []
-        if plan.evict_slots.numel():
+        if plan.evict_one is not None:  # a decode step: plain slices (copies: the slot is overwritten next)
+            s = slice(plan.evict_one, plan.evict_one + 1)
+            parts.append((self.ring.k[0][:, s].clone(), self.ring.v[0][:, s].clone(),
+                          self.acc[:, s].clone() if self.acc is not None else None))
+        elif plan.evict_slots.numel():
             s = plan.evict_slots
             parts.append((self.ring.k[0][:, s], self.ring.v[0][:, s],
                           self.acc[:, s] if self.acc is not None else None))
@@ -144,7 +153,9 @@ class MemoryLayer:
             self.pending = (torch.cat([p[0] for p in parts], 1), torch.cat([p[1] for p in parts], 1),
                             None if self.acc is None else torch.cat([p[2] for p in parts], 1))
         view = self.ring.update(k_new, v_new, plan)
-        if self.acc is not None and plan.write_slots.numel():
+        if self.acc is not None and plan.decode_slot is not None:
+            self.acc[:, plan.decode_slot] = 0
+        elif self.acc is not None and plan.write_slots.numel():
             self.acc[:, plan.write_slots] = 0
         return view
 
@@ -158,10 +169,11 @@ class MemoryLayer:
         if self.pending is not None:
             self._file(*self.pending)
             self.pending = None
+        fresh = self._remember(qg, plan.n_new)
         if plan.extended is None:
             return k, v, plan
         R = min(self.top_k, plan.blocks) * self.block_size
-        self._retrieve(qg, plan.blocks, plan.n_new)
+        self._retrieve(plan.blocks, fresh)
         n = self.ring_slots
         if k.shape[2] == n and k.data_ptr() == self.ring.k.data_ptr():  # the whole ring (decode): one slice
             return self.ring.k[:, :, :n + R], self.ring.v[:, :, :n + R], plan.extended
@@ -212,12 +224,27 @@ class MemoryLayer:
         self.open_fill = 0
         self.open_acc.zero_()
 
-    def _retrieve(self, qg, blocks: int, chunk: int) -> None:
+    def _remember(self, qg, chunk: int) -> slice | None:
+        """Put this pass's last (up to VOTERS) queries into the voters' ring; return the ring slots written
+        (None: all of them, or a wrap-around)."""
+        heads, d = qg.shape[0], qg.shape[-1]
+        q = qg.view(heads, -1, chunk, d)
+        if self.voters is None:
+            self.voters = q.new_zeros(heads, q.shape[1], VOTERS, d)
+        m = min(chunk, VOTERS)
+        first = min(m, VOTERS - self.voter_pos)  # up to the end of the ring, then from its start
+        self.voters[:, :, self.voter_pos:self.voter_pos + first] = q[:, :, chunk - m:chunk - m + first]
+        if m > first:
+            self.voters[:, :, :m - first] = q[:, :, chunk - m + first:]
+        fresh = slice(self.voter_pos, self.voter_pos + m) if m == first < VOTERS else None
+        self.voter_pos = (self.voter_pos + m) % VOTERS
+        self.voter_fill = min(VOTERS, self.voter_fill + m)
+        return fresh
+
+    def _retrieve(self, blocks: int, fresh: slice | None) -> None:
         """Fill ret_k/ret_v with each kv head's top-k blocks, copying in only blocks new to the selection."""
-        if chunk > VOTERS:  # the chunk's last queries vote: scoring cost does not grow with the chunk
-            heads = qg.shape[0]
-            qg = qg.view(heads, -1, chunk, qg.shape[-1])[:, :, -VOTERS:].reshape(heads, -1, qg.shape[-1])
-        chosen = self.index_tree.select(qg, blocks, self.top_k)
+        voters = self.voters if self.voter_fill == VOTERS else self.voters[:, :, :self.voter_fill]
+        chosen = self.index_tree.select(voters, blocks, self.top_k, fresh)
         self._load_blocks(_reassign(self.ret_ids, chosen))
 
     def _load_blocks(self, loads: list[tuple[int, int, int]]) -> None:
@@ -225,12 +252,11 @@ class MemoryLayer:
         if not loads:
             return
         self.block_loads += len(loads)
-        heads, dev = self.ret_k.shape[1], self.ret_k.device
+        B = self.block_size
         blocks = {n: self.store.get(self.index, n) for n in {n for _, _, n in loads}}
-        h, j = (torch.tensor(x, device=dev) for x in list(zip(*loads))[:2])
-        for i, buf in enumerate((self.ret_k, self.ret_v)):
-            kv = torch.stack([blocks[n][i][hh] for hh, _, n in loads]).to(dev)  # [loads, B, d]
-            buf[0].view(heads, self.top_k, self.block_size, kv.shape[-1])[h, j] = kv
+        for h, j, n in loads:
+            self.ret_k[0, h, j * B:(j + 1) * B] = blocks[n][0][h]
+            self.ret_v[0, h, j * B:(j + 1) * B] = blocks[n][1][h]
 
     # --- accounting and persistence -----------------------------------------------------------------
     @property
@@ -255,6 +281,9 @@ class MemoryLayer:
             out["acc"] = self.acc.clone()
         # which slot holds which recalled block (slot order is part of the positions)
         out["ret_ids"] = torch.tensor(self.ret_ids)
+        if self.voters is not None:
+            out["voters"] = self.voters.clone()
+            out["voter_ring"] = torch.tensor([self.voter_fill, self.voter_pos])
         return {k: t.cpu() for k, t in out.items()}
 
     def load_state(self, st: dict[str, torch.Tensor]) -> None:
@@ -274,6 +303,9 @@ class MemoryLayer:
             self.store.put(self.index, i, st["blocks_k"][i], st["blocks_v"][i])
         self.index_tree.load_state(st)
         self.ret_ids = st["ret_ids"].tolist()
+        if "voters" in st:
+            self.voters = st["voters"].to(self.ring.k)
+            self.voter_fill, self.voter_pos = (int(x) for x in st["voter_ring"])
         self._load_blocks([(h, j, x) for h, row in enumerate(self.ret_ids) for j, x in enumerate(row) if x >= 0])
 
 
@@ -351,6 +383,7 @@ class MemoryCache(StreamCache):
         extended = self._extended(base, ring, blocks) if blocks else None
         common = {f.name: getattr(base, f.name) for f in dataclasses.fields(Plan)}
         common.update(evict_slots=evict_slots.to(dev), evict_src=new.to(dev), evict_cols=evict_cols,
+                      evict_one=int(evict_slots[0]) if evict_slots.numel() == 1 else None,
                       blocks=blocks, extended=extended)
         for i in self.memory_layers:
             plans[i] = MemoryPlan(**common, layer=self.layers[i])

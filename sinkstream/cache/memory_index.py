@@ -16,7 +16,9 @@ Selection walks the tree from the top. Every candidate's score is its best key (
 q·k/√d, turned into a softmax over candidates per query head and query; the votes of a kv head's query heads
 and queries are summed. At each level above 0 each kv head *probes* its best few entries: their pages (the
 entries of the level below) are loaded into a per-head buffer, only when the probed set changes, and
-compete with that level's recent entries. At level 0 each kv head takes its top-k blocks.
+compete with that level's recent entries; a probed page stays until an entry gets ``STICKY`` times its
+votes, so pages are not swapped back and forth between near-equal entries on every decode step. At level 0
+each kv head takes its top-k blocks.
 """
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ SUPER_BLOCKS = 32  # blocks per level-1 entry (super-block)
 UPPER_GROUP = 64   # entries per entry of the next level, for levels 1 and up
 SUMMARY_KEYS = 2   # summary keys per entry and kv head, levels 1 and up
 PROBES = 4         # entries per kv head whose pages are scored at the level below
+STICKY = 1.5       # a probed page is replaced only by an entry with STICKY times its votes
 
 
 def level_shape(level: int, width: int, top_k: int) -> tuple[int, int, int]:
@@ -51,6 +54,9 @@ class _Level:
         self.probed = torch.zeros(heads, probes * group * width, head_dim, dtype=dtype, device=device)
         self.probed_entry = torch.full((heads, probes * group), -1, dtype=torch.long, device=device)
         self.probed_ids = [[-1] * probes for _ in range(heads)]
+        self.candidates = None  # (keys, ids, count) scored at this level last time; reused while unchanged
+        self.version = 0        # bumped whenever `candidates` is rebuilt
+        self.votes = None       # (what was scored, per-voter softmax rows [heads, g, voters, candidates])
 
     @property
     def recent(self) -> int:
@@ -137,31 +143,74 @@ class BlockIndex:
 
     # --- selection ----------------------------------------------------------------------------------
     def _votes(self, qg: torch.Tensor, keys: torch.Tensor, width: int) -> torch.Tensor:
-        s = torch.matmul(qg, keys.transpose(1, 2)).float() * self.scale
-        return s.view(self.heads, qg.shape[1], -1, width).amax(-1)  # [kv_heads, queries, candidates]
+        """Scores [kv_heads, queries, candidates]: each candidate's best key under q·k/√d."""
+        s = torch.matmul(qg, keys.transpose(1, 2))
+        if width > 1:
+            s = s.view(self.heads, qg.shape[1], -1, width).amax(-1)
+        return s.float().mul_(self.scale)
 
-    def select(self, qg: torch.Tensor, eligible: int, k: int) -> list[list[int]]:
-        """Each kv head's top-k block ids (sorted) for queries qg [kv_heads, queries, d]."""
+    def _vote_sums(self, level: _Level, tag, voters: torch.Tensor, fresh: slice | None, keys: torch.Tensor,
+                   mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Votes [kv_heads, candidates] of `voters` [kv_heads, g, V, d] for `level`'s candidates `keys`: each
+        voter's softmax over the candidates, summed. The per-voter rows are kept: while the candidates stay
+        the same (`tag`), only the `fresh` voters (the queries of this pass) are scored again."""
+        heads, g, V, d = voters.shape
+        old = level.votes
+        if mask is None and fresh is not None and old is not None and old[0] == tag and old[1].shape[2] == V:
+            rows = old[1]
+            q = voters[:, :, fresh]
+            rows[:, :, fresh] = self._votes(q.reshape(heads, -1, d), keys, level.width).softmax(-1).view(
+                heads, g, q.shape[2], -1)
+        else:
+            s = self._votes(voters.reshape(heads, -1, d), keys, level.width)
+            if mask is not None:
+                s = s.masked_fill(mask[:, None], float("-inf"))
+            rows = s.softmax(-1).view(heads, g, V, -1)
+            level.votes = None if mask is not None else (tag, rows)
+        return rows.sum((1, 2))
+
+    def select(self, voters: torch.Tensor, eligible: int, k: int, fresh: slice | None = None) -> list[list[int]]:
+        """Each kv head's top-k block ids (sorted), voted by `voters` [kv_heads, g, V, d]; `fresh`: which of
+        them are new since the last call (None: all)."""
         self.promote(eligible)
+        dev = voters.device
         top = len(self.levels) - 1
         level = self.levels[top]
         keys = level.keys[:, :level.recent * level.width]
-        ids = torch.arange(level.first, level.count, device=qg.device).expand(self.heads, -1)
+        ids = [list(range(level.first, level.count))] * self.heads  # each head's candidates' entry ids
+        tag = ("top", level.first, level.count)
         for lv in range(top, 0, -1):
-            below = self.levels[lv - 1]
-            p = min(below.probes, ids.shape[1])
-            votes = self._votes(qg, keys, self.levels[lv].width).softmax(-1).sum(1)
-            chosen = ids.gather(1, votes.topk(p, dim=-1).indices).tolist()
-            self._load_pages(below, _reassign(below.probed_ids, chosen))
-            n = p * below.group
-            keys = torch.cat([below.probed[:, :n * below.width], below.keys[:, :below.recent * below.width]], 1)
-            ids = torch.cat([below.probed_entry[:, :n],
-                             torch.arange(below.first, below.count, device=qg.device).expand(self.heads, -1)], 1)
-        s = self._votes(qg, keys, self.levels[0].width)
-        s = s.masked_fill((ids >= eligible)[:, None], float("-inf"))  # filled during this pass
-        votes = s.softmax(-1).sum(1)
-        k = min(k, eligible)
-        return ids.gather(1, votes.topk(k, dim=-1).indices).sort(-1).values.tolist()
+            level, below = self.levels[lv], self.levels[lv - 1]
+            p = min(below.probes, len(ids[0]))
+            if p == len(ids[0]):  # every entry gets probed: nothing to choose
+                chosen = ids
+            else:
+                votes = self._vote_sums(level, tag, voters, fresh, keys)
+                held = [[e in row for e in cand] for row, cand in zip(below.probed_ids, ids)]
+                votes = votes * torch.tensor(held, dtype=votes.dtype, device=dev).mul_(STICKY - 1).add_(1)
+                chosen = _pick(ids, votes, p)
+            keys, ids = self._candidates(below, _reassign(below.probed_ids, chosen), p, dev)
+            tag = ("probed", below.version)
+        mask = None
+        if eligible < self.levels[0].count:  # filled during this pass
+            mask = torch.tensor(ids, device=dev) >= eligible
+        votes = self._vote_sums(self.levels[0], tag, voters, fresh, keys, mask)
+        return [sorted(row) for row in _pick(ids, votes, min(k, eligible))]
+
+    def _candidates(self, level: _Level, loads, p: int, device) -> tuple[torch.Tensor, list[list[int]]]:
+        """`level`'s candidates: the entries of the `p` probed pages and the recent entries (keys, and each
+        head's entry ids). Rebuilt only when a page is loaded or an entry is added, so a decode step
+        usually reuses them."""
+        if not loads and level.candidates is not None and level.candidates[2] == (p, level.first, level.count):
+            return level.candidates[:2]
+        self._load_pages(level, loads)
+        n = p * level.group
+        keys = torch.cat([level.probed[:, :n * level.width], level.keys[:, :level.recent * level.width]], 1)
+        recent = list(range(level.first, level.count))
+        ids = [row + recent for row in level.probed_entry[:, :n].tolist()]
+        level.candidates = (keys, ids, (p, level.first, level.count))
+        level.version += 1
+        return keys, ids
 
     def _load_pages(self, level: _Level, loads: list[tuple[int, int, int]]) -> None:
         """Probe slot j of kv head h <- page e of `level` (the entries of level-above entry e), per (h, j, e)."""
@@ -217,11 +266,18 @@ class BlockIndex:
             level.first, level.count = first, keys.shape[1] // w
             level.probed_ids = st[f"index{lv}_probed"].tolist()
             level.probed_entry.fill_(-1)
+            level.candidates = level.votes = None
             lv += 1
         for lv in range(len(self.levels) - 1):  # re-load the probed pages of every level below the top
             below = self.levels[lv]
             self._load_pages(below, [(h, j, e) for h, row in enumerate(below.probed_ids)
                                      for j, e in enumerate(row) if e >= 0])
+
+
+def _pick(ids: list[list[int]], votes: torch.Tensor, k: int) -> list[list[int]]:
+    """Each head's k best-voted candidates, as entry ids."""
+    best = votes.topk(k, dim=-1).indices.tolist()
+    return [[row[i] for i in idx] for row, idx in zip(ids, best)]
 
 
 def _reassign(slots: list[list[int]], chosen: list[list[int]]) -> list[tuple[int, int, int]]:
