@@ -262,7 +262,7 @@ def test_decode_steps_rescore_only_the_new_voter(tiny):
     inc.run(tiny, ids[:, :600])
     full.run(tiny, ids[:, :600])
     for layer in full.layers:  # this cache re-scores every voter at every step
-        layer._remember = (lambda f: lambda qg, chunk: (f(qg, chunk), None)[1])(layer._remember)
+        layer.voters.add = (lambda f: lambda qg, chunk: (f(qg, chunk), None)[1])(layer.voters.add)
     tree = inc.layers[0].index_tree
     scored = []  # queries scored per call on one layer of the incremental cache
     tree._votes = (lambda f: lambda qg, keys, width: (scored.append(qg.shape[1]), f(qg, keys, width))[1])(
@@ -273,10 +273,11 @@ def test_decode_steps_rescore_only_the_new_voter(tiny):
         for la, lb in zip(inc.layers, full.layers):
             assert la.ret_ids == lb.ret_ids
     layer = inc.layers[0]
-    g = layer.voters.shape[1]
+    voters = layer.voters.q
+    g = voters.shape[1]
     assert scored.count(g) > 0.6 * len(scored)  # most calls scored one query per query head
     level = tree.levels[0]
     keys = level.candidates[0] if level.candidates is not None else level.keys[:, :level.recent * level.width]
-    want = tree._votes(layer.voters.reshape(layer.voters.shape[0], -1, layer.voters.shape[-1]), keys,
+    want = tree._votes(voters.reshape(voters.shape[0], -1, voters.shape[-1]), keys,
                        level.width).softmax(-1)
     assert torch.allclose(level.votes[1].reshape(want.shape), want, atol=1e-6)

@@ -25,7 +25,8 @@ evictions in the window). A block still being filled is not retrievable, so up t
 window are invisible until their block is full.
 
 Cost per step and layer, whatever the stream length n: each level scores at most PROBES pages plus fewer
-than two groups of recent entries, and at most kv_heads * (top_k + PROBES * levels) blocks or pages are
+than two groups of recent entries (a decode step scores only its own query against them while they stay
+the same: the other voters' scores are kept), and at most kv_heads * (top_k + PROBES * levels) blocks or pages are
 read; there are about 1 + log_64(n / 2048) levels (a third after 131K tokens with B = 64, a fourth after
 8.4M). RAM:
 block K/V and pages are bounded by the budget plus small hot caches, and the index keeps O(levels * G)
@@ -56,11 +57,10 @@ import torch
 from . import CacheConfig, LayerSpec, StreamCache
 from .blockstore import BlockStore
 from .kv import KVBuffer
-from .memory_index import BlockIndex, _reassign, level_shape
+from .memory_index import BlockIndex, Voters, _reassign, level_shape
 from .plan import Plan, RingSlots
 
 REP_KEYS = 4       # representative keys per block and kv head, representative="attention"
-VOTERS = 16        # the stream's last queries, whose votes choose a pass's blocks
 PAGE_BUDGET_SHARE = 8  # super-blocks' block keys may use memory_budget / 8 of RAM before spilling
 
 
@@ -115,10 +115,7 @@ class MemoryLayer:
         self.ret_k, self.ret_v = ring.k[:, :, slots:], ring.v[:, :, slots:]
         self.ret_ids = [[-1] * self.top_k for _ in range(heads)]
         self.pending = None  # (k [kv_heads, m, d], v, acc [kv_heads, m]) evicted in this pass
-        # the stream's last VOTERS queries (un-rotated), [kv_heads, g, VOTERS, d], in ring order: votes are
-        # summed, so their order does not matter. One decode step replaces one, so what a step recalls
-        # follows the stream instead of jumping with every token's query.
-        self.voters, self.voter_fill, self.voter_pos = None, 0, 0
+        self.voters = Voters()  # the stream's last queries, which choose what is recalled
         self.block_loads = 0  # blocks copied into the recall buffers so far (how much the selection changes)
 
     @property
@@ -169,7 +166,7 @@ class MemoryLayer:
         if self.pending is not None:
             self._file(*self.pending)
             self.pending = None
-        fresh = self._remember(qg, plan.n_new)
+        fresh = self.voters.add(qg, plan.n_new)
         if plan.extended is None:
             return k, v, plan
         R = min(self.top_k, plan.blocks) * self.block_size
@@ -224,27 +221,9 @@ class MemoryLayer:
         self.open_fill = 0
         self.open_acc.zero_()
 
-    def _remember(self, qg, chunk: int) -> slice | None:
-        """Put this pass's last (up to VOTERS) queries into the voters' ring; return the ring slots written
-        (None: all of them, or a wrap-around)."""
-        heads, d = qg.shape[0], qg.shape[-1]
-        q = qg.view(heads, -1, chunk, d)
-        if self.voters is None:
-            self.voters = q.new_zeros(heads, q.shape[1], VOTERS, d)
-        m = min(chunk, VOTERS)
-        first = min(m, VOTERS - self.voter_pos)  # up to the end of the ring, then from its start
-        self.voters[:, :, self.voter_pos:self.voter_pos + first] = q[:, :, chunk - m:chunk - m + first]
-        if m > first:
-            self.voters[:, :, :m - first] = q[:, :, chunk - m + first:]
-        fresh = slice(self.voter_pos, self.voter_pos + m) if m == first < VOTERS else None
-        self.voter_pos = (self.voter_pos + m) % VOTERS
-        self.voter_fill = min(VOTERS, self.voter_fill + m)
-        return fresh
-
     def _retrieve(self, blocks: int, fresh: slice | None) -> None:
         """Fill ret_k/ret_v with each kv head's top-k blocks, copying in only blocks new to the selection."""
-        voters = self.voters if self.voter_fill == VOTERS else self.voters[:, :, :self.voter_fill]
-        chosen = self.index_tree.select(voters, blocks, self.top_k, fresh)
+        chosen = self.index_tree.select(self.voters.current(), blocks, self.top_k, fresh)
         self._load_blocks(_reassign(self.ret_ids, chosen))
 
     def _load_blocks(self, loads: list[tuple[int, int, int]]) -> None:
@@ -281,9 +260,7 @@ class MemoryLayer:
             out["acc"] = self.acc.clone()
         # which slot holds which recalled block (slot order is part of the positions)
         out["ret_ids"] = torch.tensor(self.ret_ids)
-        if self.voters is not None:
-            out["voters"] = self.voters.clone()
-            out["voter_ring"] = torch.tensor([self.voter_fill, self.voter_pos])
+        out.update(self.voters.state())
         return {k: t.cpu() for k, t in out.items()}
 
     def load_state(self, st: dict[str, torch.Tensor]) -> None:
@@ -303,9 +280,7 @@ class MemoryLayer:
             self.store.put(self.index, i, st["blocks_k"][i], st["blocks_v"][i])
         self.index_tree.load_state(st)
         self.ret_ids = st["ret_ids"].tolist()
-        if "voters" in st:
-            self.voters = st["voters"].to(self.ring.k)
-            self.voter_fill, self.voter_pos = (int(x) for x in st["voter_ring"])
+        self.voters.load_state(st, self.ring.k)
         self._load_blocks([(h, j, x) for h, row in enumerate(self.ret_ids) for j, x in enumerate(row) if x >= 0])
 
 

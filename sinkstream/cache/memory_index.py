@@ -28,6 +28,7 @@ SUPER_BLOCKS = 32  # blocks per level-1 entry (super-block)
 UPPER_GROUP = 64   # entries per entry of the next level, for levels 1 and up
 SUMMARY_KEYS = 2   # summary keys per entry and kv head, levels 1 and up
 PROBES = 4         # entries per kv head whose pages are scored at the level below
+VOTERS = 16        # the stream's last queries, whose votes choose what a pass recalls
 STICKY = 1.5       # a probed page is replaced only by an entry with STICKY times its votes
 
 
@@ -83,6 +84,45 @@ class _Level:
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.keys, self.acc, self.probed, self.probed_entry))
+
+
+class Voters:
+    """One layer's last VOTERS queries (un-rotated), [kv_heads, g, VOTERS, d], kept in ring order: votes are
+    summed, so their order does not matter. A decode step replaces one, so what a step recalls follows the
+    stream instead of jumping with every token's query; a chunk of VOTERS or more replaces them all."""
+
+    def __init__(self):
+        self.q, self.fill, self.pos = None, 0, 0
+
+    def add(self, qg: torch.Tensor, chunk: int) -> slice | None:
+        """Put a pass's last (up to VOTERS) queries [kv_heads, g * chunk, d] in; return the slots written
+        (None: all of them, or a wrap-around), which `BlockIndex.select` re-scores."""
+        heads, d = qg.shape[0], qg.shape[-1]
+        q = qg.view(heads, -1, chunk, d)
+        if self.q is None:
+            self.q = q.new_zeros(heads, q.shape[1], VOTERS, d)
+        m = min(chunk, VOTERS)
+        first = min(m, VOTERS - self.pos)  # up to the end of the ring, then from its start
+        self.q[:, :, self.pos:self.pos + first] = q[:, :, chunk - m:chunk - m + first]
+        if m > first:
+            self.q[:, :, :m - first] = q[:, :, chunk - m + first:]
+        fresh = slice(self.pos, self.pos + m) if m == first < VOTERS else None
+        self.pos = (self.pos + m) % VOTERS
+        self.fill = min(VOTERS, self.fill + m)
+        return fresh
+
+    def current(self) -> torch.Tensor:
+        return self.q if self.fill == VOTERS else self.q[:, :, :self.fill]
+
+    def state(self) -> dict[str, torch.Tensor]:
+        if self.q is None:
+            return {}
+        return {"voters": self.q.clone(), "voter_ring": torch.tensor([self.fill, self.pos])}
+
+    def load_state(self, st: dict[str, torch.Tensor], like: torch.Tensor) -> None:
+        if "voters" in st:
+            self.q = st["voters"].to(like)
+            self.fill, self.pos = (int(x) for x in st["voter_ring"])
 
 
 class BlockIndex:
