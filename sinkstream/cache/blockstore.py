@@ -6,8 +6,10 @@ of consecutive block indices (every layer) at a time, appended to one scratch fi
 at a time with a positioned read (`os.preadv`, straight into a tensor: one system call, no map to open,
 trim or keep a descriptor for). A small LRU of blocks read from disk keeps hot blocks in RAM; the operating
 system's page cache keeps recently read file pages as well, outside the process's resident set. RAM use is
-therefore bounded by ``budget`` + the hot cache, however long the stream. The file is scratch space: it is
-removed when the store is closed or garbage-collected (a saved session carries its blocks in its own file).
+therefore bounded by ``budget`` + the hot cache, however long the stream. The file is scratch space (a
+saved session carries its blocks in its own file): on POSIX systems its name is removed as soon as it is
+opened, so the disk space goes back to the system when the descriptor closes, even if the process is
+killed; elsewhere the file is removed when the store is closed or garbage-collected.
 
 The memory cache keeps two stores: evicted K/V blocks, and the block keys of finished super-blocks.
 """
@@ -75,6 +77,8 @@ class BlockStore:
                 parent.mkdir(parents=True, exist_ok=True)
             self.folder = Path(tempfile.mkdtemp(prefix="sinkstream-memory-", dir=parent))
             self.file = os.open(self.folder / "blocks.kv", os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+            if os.name == "posix":  # an open file without a name: nothing is left behind after a kill
+                shutil.rmtree(self.folder, ignore_errors=True)
             self._finalizer = weakref.finalize(self, _remove, self.folder, self.file)
         return self.file
 
