@@ -229,7 +229,7 @@ class BlockIndex:
                 held = [[e in row for e in cand] for row, cand in zip(below.probed_ids, ids)]
                 votes = votes * torch.tensor(held, dtype=votes.dtype, device=dev).mul_(STICKY - 1).add_(1)
                 chosen = _pick(ids, votes, p)
-            keys, ids = self._candidates(below, _reassign(below.probed_ids, chosen), p, dev)
+            keys, ids = self._candidates(below, _reassign(below.probed_ids, chosen), p)
             tag = ("probed", below.version)
         mask = None
         if eligible < self.levels[0].count:  # filled during this pass
@@ -237,7 +237,7 @@ class BlockIndex:
         votes = self._vote_sums(self.levels[0], tag, voters, fresh, keys, mask)
         return [sorted(row) for row in _pick(ids, votes, min(k, eligible))]
 
-    def _candidates(self, level: _Level, loads, p: int, device) -> tuple[torch.Tensor, list[list[int]]]:
+    def _candidates(self, level: _Level, loads, p: int) -> tuple[torch.Tensor, list[list[int]]]:
         """`level`'s candidates: the entries of the `p` probed pages and the recent entries (keys, and each
         head's entry ids). Rebuilt only when a page is loaded or an entry is added, so a decode step
         usually reuses them."""
