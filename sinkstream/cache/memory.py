@@ -75,7 +75,7 @@ class MemoryPlan(Plan):
     evict_slots: torch.Tensor | None = None  # [m_old] ring slots whose tokens leave the window in this pass
     evict_src: torch.Tensor | None = None    # [m_new] new tokens of this pass that leave it within the pass
     evict_cols: torch.Tensor | None = None   # [m] view columns of those tokens (read-then-write passes only)
-    evict_one: int | None = None             # the slot, when evict_slots is one slot (a decode step)
+    evict_one: int | None = None             # a decode step evicting one token: its slot
     blocks: int = 0                          # blocks retrievable in this pass
     extended: Plan | None = None             # plan over [view, retrieved columns]; None when blocks == 0
     layer: MemoryLayer | None = None
@@ -131,10 +131,9 @@ class MemoryLayer:
     def update(self, k_new: torch.Tensor, v_new: torch.Tensor, plan: MemoryPlan):
         """Store this pass's K/V like a sink cache, keeping (not dropping) the tokens that leave the window."""
         parts = []
-        if plan.evict_one is not None:  # a decode step: plain slices (copies: the slot is overwritten next)
-            s = slice(plan.evict_one, plan.evict_one + 1)
-            parts.append((self.ring.k[0][:, s].clone(), self.ring.v[0][:, s].clone(),
-                          self.acc[:, s].clone() if self.acc is not None else None))
+        if plan.evict_one is not None:  # a decode step: file the token now, before its slot is overwritten
+            s = slice(plan.evict_one, plan.evict_one + 1)  # (its query does not see it: nothing to add)
+            self._file(self.ring.k[0][:, s], self.ring.v[0][:, s], self.acc[:, s] if self.acc is not None else None)
         elif plan.evict_slots.numel():
             s = plan.evict_slots
             parts.append((self.ring.k[0][:, s], self.ring.v[0][:, s],
@@ -358,7 +357,7 @@ class MemoryCache(StreamCache):
         extended = self._extended(base, ring, blocks) if blocks else None
         common = {f.name: getattr(base, f.name) for f in dataclasses.fields(Plan)}
         common.update(evict_slots=evict_slots.to(dev), evict_src=new.to(dev), evict_cols=evict_cols,
-                      evict_one=int(evict_slots[0]) if evict_slots.numel() == 1 else None,
+                      evict_one=int(evict_slots[0]) if n_new == 1 and evict_slots.numel() == 1 else None,
                       blocks=blocks, extended=extended)
         for i in self.memory_layers:
             plans[i] = MemoryPlan(**common, layer=self.layers[i])

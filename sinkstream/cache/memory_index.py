@@ -58,6 +58,7 @@ class _Level:
         self.candidates = None  # (keys, ids, count) scored at this level last time; reused while unchanged
         self.version = 0        # bumped whenever `candidates` is rebuilt
         self.votes = None       # (what was scored, per-voter softmax rows [heads, g, voters, candidates])
+        self.sticky = None      # (what it is for, vote multipliers of the probed entries [heads, candidates])
 
     @property
     def recent(self) -> int:
@@ -209,6 +210,15 @@ class BlockIndex:
             level.votes = None if mask is not None else (tag, rows)
         return rows.sum((1, 2))
 
+    def _sticky(self, level: _Level, tag, probed: list[list[int]], ids: list[list[int]], device) -> torch.Tensor:
+        """Per head and candidate: STICKY where the candidate's page is probed now, else 1 (kept while the
+        candidates and the probed pages stay the same)."""
+        key = (tag, tuple(map(tuple, probed)))
+        if level.sticky is None or level.sticky[0] != key:
+            held = [[e in row for e in cand] for row, cand in zip(probed, ids)]
+            level.sticky = (key, torch.tensor(held, dtype=torch.float32, device=device).mul_(STICKY - 1).add_(1))
+        return level.sticky[1]
+
     def select(self, voters: torch.Tensor, eligible: int, k: int, fresh: slice | None = None) -> list[list[int]]:
         """Each kv head's top-k block ids (sorted), voted by `voters` [kv_heads, g, V, d]; `fresh`: which of
         them are new since the last call (None: all)."""
@@ -226,9 +236,7 @@ class BlockIndex:
                 chosen = ids
             else:
                 votes = self._vote_sums(level, tag, voters, fresh, keys)
-                held = [[e in row for e in cand] for row, cand in zip(below.probed_ids, ids)]
-                votes = votes * torch.tensor(held, dtype=votes.dtype, device=dev).mul_(STICKY - 1).add_(1)
-                chosen = _pick(ids, votes, p)
+                chosen = _pick(ids, votes * self._sticky(level, tag, below.probed_ids, ids, dev), p)
             keys, ids = self._candidates(below, _reassign(below.probed_ids, chosen), p)
             tag = ("probed", below.version)
         mask = None
@@ -306,7 +314,7 @@ class BlockIndex:
             level.first, level.count = first, keys.shape[1] // w
             level.probed_ids = st[f"index{lv}_probed"].tolist()
             level.probed_entry.fill_(-1)
-            level.candidates = level.votes = None
+            level.candidates = level.votes = level.sticky = None
             lv += 1
         for lv in range(len(self.levels) - 1):  # re-load the probed pages of every level below the top
             below = self.levels[lv]
