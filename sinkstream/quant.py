@@ -61,22 +61,23 @@ class QuantLinear(nn.Module):
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), requires_grad=False)
         if kind == "int4":
             q, scale, zero = _int4_params(w, group)
-            deq = ((q.reshape(*scale.shape, group).float() - 8) * scale.float()[..., None]
-                   + zero.float()[..., None]).reshape(w.shape)
             if self.fused:
                 self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1))
                 # the kernel wants [K/group, N, 2] = (scale, zero) per group and output row
                 self.register_buffer("scale_zero", torch.stack([scale, zero], -1).transpose(0, 1).contiguous())
+            else:
+                deq = ((q.reshape(*scale.shape, group).float() - 8) * scale.float()[..., None]
+                       + zero.float()[..., None]).reshape(w.shape)
+                self.register_buffer("weight", deq.to(w.dtype))
         elif kind == "int8":
             q, scale = _int8_params(w)
-            deq = q.float() * scale.float()[:, None]
             if self.fused:
                 self.register_buffer("qweight", q)
                 self.register_buffer("scale", scale)
+            else:
+                self.register_buffer("weight", (q.float() * scale.float()[:, None]).to(w.dtype))
         else:
             raise SinkstreamError(f"unknown quantization {kind!r} (choose from {', '.join(QUANT_TYPES)})")
-        if not self.fused:
-            self.register_buffer("weight", deq.to(w.dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.fused:

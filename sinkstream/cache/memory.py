@@ -15,8 +15,8 @@ representative keys are grouped by ``SUPER_BLOCKS`` (G) into super-blocks, super
 into the next level, and so on; a grouped run's keys go to a page store (RAM up to
 ``memory_budget / PAGE_BUDGET_SHARE``, then disk) and ``SUMMARY_KEYS`` summary keys per kv head go up a
 level. In every pass each layer walks the tree from the top with the stream's last ``VOTERS`` queries (a
-decode step's own query and the 15 before it; a long chunk's last 16): per level each kv head probes its best ``PROBES`` entries, whose pages compete with the level's
-not-yet-grouped entries one level down, and at the bottom each kv head takes its own top-k blocks; it
+decode step's own query and the 15 before it; a long chunk's last 16): per level each kv head probes its
+best ``PROBES`` entries, whose pages compete with the level's not-yet-grouped entries one level down, and at the bottom each kv head takes its own top-k blocks; it
 attends to sinks + those blocks + the window (a block's K/V are copied in only when it newly enters the
 selection). Prompts are fed in chunks of at most W tokens, so a question at the end of a long prompt is
 not outvoted by the text before it. A block is retrievable from the first decode step after it fills; in
@@ -26,10 +26,9 @@ window are invisible until their block is full.
 
 Cost per step and layer, whatever the stream length n: each level scores at most PROBES pages plus fewer
 than two groups of recent entries (a decode step scores only its own query against them while they stay
-the same: the other voters' scores are kept), and at most kv_heads * (top_k + PROBES * levels) blocks or pages are
-read; there are about 1 + log_64(n / 2048) levels (a third after 131K tokens with B = 64, a fourth after
-8.4M). RAM:
-block K/V and pages are bounded by the budget plus small hot caches, and the index keeps O(levels * G)
+the same: the other voters' scores are kept), and at most kv_heads * (top_k + PROBES * levels) blocks or
+pages are read; there are about 1 + log_64(n / 2048) levels (a third after 131K tokens with B = 64, a fourth
+after 8.4M). RAM: block K/V and pages are bounded by the budget plus small hot caches, and the index keeps O(levels * G)
 keys on the device, so RAM stays bounded (up to that logarithm) however long the stream.
 
 Positions (extending the contract of `sinkstream.cache.plan`). Retrieved blocks are treated like more
@@ -133,7 +132,8 @@ class MemoryLayer:
         parts = []
         if plan.evict_one is not None:  # a decode step: file the token now, before its slot is overwritten
             s = slice(plan.evict_one, plan.evict_one + 1)  # (its query does not see it: nothing to add)
-            self._file(self.ring.k[0][:, s], self.ring.v[0][:, s], self.acc[:, s] if self.acc is not None else None)
+            acc = self.acc[:, s] if self.acc is not None else None
+            self._file(self.ring.k[0][:, s], self.ring.v[0][:, s], acc)
         elif plan.evict_slots.numel():
             s = plan.evict_slots
             parts.append((self.ring.k[0][:, s], self.ring.v[0][:, s],
