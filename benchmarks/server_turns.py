@@ -53,6 +53,8 @@ def start_server(args, state_dir: str) -> tuple[subprocess.Popen, str]:
            "--sinks", str(args.sinks), "--window", str(args.window), "--model-name", "bench"]
     if args.model_path:
         cmd += ["--model", args.model_path]
+    if getattr(args, "quant", "none") != "none":
+        cmd += ["--quant", args.quant]
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
     url = None
     for line in proc.stderr:

@@ -10,10 +10,12 @@ from .rope import Rotary, apply_rotary
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Plan, *, scale: float,
            rotary: Rotary | None = None, alibi_slopes: torch.Tensor | None = None) -> torch.Tensor:
-    """q: [batch, heads, C, d] and k, v: [batch, kv_heads, Lk, d], all un-rotated -> [batch, heads, C, dv].
+    """q: [batch, heads, C, d] un-rotated and k, v: [batch, kv_heads, Lk, d] as the cache returns them
+    -> [batch, heads, C, dv].
 
-    Rotates queries and keys to the plan's in-cache positions (RoPE), or biases scores by in-cache
-    distance (ALiBi). Sink columns use ``plan.q_pos_sink`` when a chunk needs it (see cache/plan.py);
+    RoPE: rotates the queries to the plan's in-cache positions, and the keys too unless the cache stored
+    them rotated (``plan.keys_rotated``; where each policy rotates is the contract in cache/plan.py).
+    ALiBi: biases scores by in-cache distance. Sink columns use ``plan.q_pos_sink`` when a chunk needs it;
     for RoPE this is done with one SDPA call by stacking two rotations of q along the feature axis.
     """
     k, v, plan = plan.extend(q, k, v)  # retrieval memory adds blocks picked by q; a no-op otherwise
@@ -28,10 +30,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Plan, *, sca
             q_sink = apply_rotary(q, ts[0], ts[1], interleaved=inter)
         q = apply_rotary(q, cq, sq, interleaved=inter)
     if alibi_slopes is not None:
-        qp = plan.q_pos[:, None]
-        if plan.q_pos_sink is not None:
-            qp = torch.where(plan.sink_cols[None, :], plan.q_pos_sink[:, None], qp)
-        dist = (qp - plan.k_pos[None, :]).to(q.dtype)  # [C, Lk]
+        dist = plan.distances(q.device).to(q.dtype)  # [C, Lk]
         bias = -alibi_slopes.to(q.dtype)[:, None, None] * dist  # [heads, C, Lk]
         if mask is not None:
             bias = bias.masked_fill(~mask, float("-inf"))

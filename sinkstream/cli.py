@@ -40,7 +40,12 @@ def _generate(args) -> int:
 
 def _chat(args) -> int:
     if args.server:
+        from urllib.parse import urlsplit
+
         from .chat_client import chat_remote
+        url = urlsplit(args.server)
+        if url.scheme not in ("http", "https") or not url.netloc:
+            raise SinkstreamError(f"--server needs an http:// or https:// URL, got {args.server!r}")
         return chat_remote(args)
     from .repl import HELP, run_repl, stats_line
     from .session import Session
@@ -80,13 +85,20 @@ def _models(args) -> int:
     return 0
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, but a usage mistake is one line like every other user error (subcommands inherit it)."""
+
+    def error(self, message: str):
+        self.exit(2, f"sinkstream: error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="sinkstream", description="Endless streaming LLM inference with attention sinks")
+    p = Parser(prog="sinkstream", description="Endless streaming LLM inference with attention sinks")
     sub = p.add_subparsers(dest="command", required=True)
 
     g = sub.add_parser("generate", help="complete a prompt (stdout), endless with --max-tokens -1")
     g.add_argument("prompt", nargs="?", help="prompt text (default: stdin)")
-    g.add_argument("--max-tokens", type=int, default=256, help="-1 = endless")
+    g.add_argument("--max-tokens", type=A.max_tokens, default=256, help="-1 = endless")
     g.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
     g.add_argument("--chat-template", action="store_true", help="wrap the prompt as one user chat turn")
     g.add_argument("--verbose", "-v", action="store_true", help="print speed and cache stats to stderr")
@@ -94,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.set_defaults(func=_generate)
 
     c = sub.add_parser("chat", help="interactive multi-round chat in one endless session")
-    c.add_argument("--max-tokens", type=int, default=512)
+    c.add_argument("--max-tokens", type=A.max_tokens, default=512, help="reply tokens per turn, -1 = endless")
     c.add_argument("--system", default=None, help="system prompt")
     c.add_argument("--server", default=None, help="talk to a running `sinkstream serve` at this URL")
     c.add_argument("--session", default=None, help="server session id (with --server)")
@@ -128,6 +140,9 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         return 0
+    except OSError as e:  # a file or folder the user named: missing, unwritable, a full disk
+        print(f"sinkstream: error: {e.strerror or e}" + (f": {e.filename}" if e.filename else ""), file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import argparse
+import math
+from pathlib import Path
 
 from .cache import POLICIES, CacheConfig
 from .errors import SinkstreamError
@@ -38,6 +40,77 @@ def add_cache_args(p: argparse.ArgumentParser, *, default_policy: str = "sink", 
                    help="keys a block is found by: the most attended (default) or the mean key")
 
 
+# --- argparse types: a bad value is a one-line error naming the flag, before any model is loaded ---------
+def _int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+
+
+def positive_int(text: str) -> int:
+    """A count or size that must be at least 1."""
+    value = _int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {text!r}")
+    return value
+
+
+def max_tokens(text: str) -> int:
+    """Tokens to generate: 0 or more, or -1 for endless."""
+    value = _int(text)
+    if value < -1:
+        raise argparse.ArgumentTypeError(f"must be -1 (endless) or at least 0, got {text!r}")
+    return value
+
+
+def seed(text: str) -> int:
+    value = _int(text)
+    if not -(2**63) <= value < 2**63:
+        raise argparse.ArgumentTypeError(f"must fit in 64 bits, got {text!r}")
+    return value
+
+
+def finite_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return value
+
+
+def fraction(text: str) -> float:
+    """A number in [0, 1]."""
+    value = finite_float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {text!r}")
+    return value
+
+
+def penalty(text: str) -> float:
+    """A repetition penalty: 0.01 or more (a tinier divisor turns logits into inf, and sampling into NaN)."""
+    value = finite_float(text)
+    if value < 0.01:
+        raise argparse.ArgumentTypeError(f"must be at least 0.01, got {text!r}")
+    return value
+
+
+def port(text: str) -> int:
+    value = _int(text)
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a TCP port, 0-65535 (0 picks a free one), got {text!r}")
+    return value
+
+
+def out_folder(text: str) -> str:
+    """A folder to write into: made later if missing, but never an existing file."""
+    if Path(text).exists() and not Path(text).is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r} is a file, not a folder")
+    return text
+
+
 def parse_size(text: str) -> int:
     """`4096`, `512K`, `512M`, `1.5G`, `2GiB` -> bytes (binary units)."""
     t = text.strip().upper().removesuffix("IB").removesuffix("B")
@@ -53,13 +126,13 @@ def parse_size(text: str) -> int:
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("sampling")
-    g.add_argument("--temp", "--temperature", dest="temperature", type=float, default=0.0,
+    g.add_argument("--temp", "--temperature", dest="temperature", type=finite_float, default=0.0,
                    help="0 = greedy (default)")
     g.add_argument("--top-k", type=int, default=0)
-    g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--min-p", type=float, default=0.0)
-    g.add_argument("--repetition-penalty", type=float, default=1.0)
-    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--top-p", type=finite_float, default=1.0)
+    g.add_argument("--min-p", type=finite_float, default=0.0)
+    g.add_argument("--repetition-penalty", type=penalty, default=1.0)
+    g.add_argument("--seed", type=seed, default=None)
 
 
 def cache_config(args) -> CacheConfig:
@@ -82,11 +155,29 @@ def sampling_config(args) -> SamplingConfig:
         raise SinkstreamError(str(e)) from None
 
 
+def check_device(name: str) -> None:
+    """A one-line error for a --device torch cannot parse or does not have (before any loading)."""
+    import torch
+    if name == "auto":
+        return
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise SinkstreamError(f"--device {name!r}: unknown device (use auto, cpu, cuda, cuda:N or mps)") from None
+    if dev.type == "cuda" and (not torch.cuda.is_available() or (dev.index or 0) >= torch.cuda.device_count()):
+        raise SinkstreamError(f"--device {name!r}: this torch sees {torch.cuda.device_count()} CUDA devices")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise SinkstreamError(f"--device {name!r}: MPS is not available here")
+    if dev.type not in ("cpu", "cuda", "mps"):
+        raise SinkstreamError(f"--device {name!r}: sinkstream runs on cpu, cuda or mps")
+
+
 def load_model(args):
     """(model, tokenizer) for --model/--device/--dtype/--quant."""
     import torch
 
     from .loading import load
+    check_device(args.device)
     if getattr(args, "seed", None) is not None:
         torch.manual_seed(args.seed)
     return load(args.model, dtype=args.dtype, device=args.device, quant=getattr(args, "quant", None))

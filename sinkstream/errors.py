@@ -15,3 +15,7 @@ class UnsupportedModelError(SinkstreamError):
 
 class ContextOverflowError(SinkstreamError):
     """A bounded policy never raises this; `dense` does once its context is full."""
+
+
+class EmptyInputError(SinkstreamError, ValueError):
+    """A pass was asked to feed no tokens (an empty prompt on a stream whose last token is already cached)."""

@@ -14,7 +14,6 @@ import os
 import shutil
 import sys
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -207,14 +206,6 @@ def build_model(config: dict, state_dict: dict[str, torch.Tensor], *, dtype=torc
             if buf.device.type != torch.device(device).type:
                 mod.register_buffer(name, buf.to(device), persistent=False)
     return model.eval().requires_grad_(False)
-
-
-@dataclass
-class Loaded:
-    model: object
-    tokenizer: object
-    source: Path
-    folder: Path
 
 
 def load(model: str | os.PathLike | None = None, *, dtype: str | torch.dtype | None = "auto",

@@ -1,9 +1,10 @@
 """The one rotary-embedding implementation. Models and caches both use it; nothing else rotates.
 
-Keys are stored in the cache *before* rotation. At attention time every key is rotated to the in-cache
-position its cache policy assigns (see `sinkstream.cache.plan`), and every query likewise. Because RoPE
-scores depend only on position differences, this is what makes a ring buffer with sinks behave like the
-paper's re-indexed cache while positions stay below sinks + window + chunk, however long the stream.
+Every query and key is rotated to the in-cache position its cache policy assigns, never to its position
+in the stream. Which positions, and whether a key is rotated when it is stored (dense/window/sink) or at
+attention time (memory), is the contract written down once in `sinkstream.cache.plan`. Because RoPE scores
+depend only on position differences, this is what makes a ring buffer with sinks behave like the paper's
+re-indexed cache while positions stay bounded, however long the stream.
 """
 from __future__ import annotations
 
@@ -101,13 +102,13 @@ class Rotary(torch.nn.Module):
                ) -> tuple[torch.Tensor, torch.Tensor]:
         """positions: [n] ints >= -NEG -> cos, sin: [n, rotary_dim], looked up in a table grown by doubling.
 
-        `max_pos` (known on the CPU from the Plan) spares a device sync. Angles are float32 products, as
-        in the reference implementations the models were trained with (our logits match theirs bit for
-        bit); in-cache positions stay small, so float32 stays precise.
+        `max_pos` (`Plan.max_pos`, computed from host positions) spares a device sync. Angles are float32
+        products, as in the reference implementations the models were trained with (our logits match
+        theirs bit for bit); in-cache positions stay small, so float32 stays precise.
         """
-        positions = positions.to(self.inv_freq.device)
         if max_pos is None:
             max_pos = int(positions.max()) if positions.numel() else 0
+        positions = positions.to(self.inv_freq.device, non_blocking=True)
         table = self._tables.get(dtype)
         if table is None or table[0].shape[0] - self.NEG <= max_pos:
             size = max(max_pos + 1, 2 * (table[0].shape[0] - self.NEG) if table is not None else 4096)

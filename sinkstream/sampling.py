@@ -1,6 +1,7 @@
 """Sampling as injected callables: `make_sampler(...)` -> (logits [batch, vocab]) -> ids [batch]."""
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -23,6 +24,9 @@ class SamplingConfig:
     seed: int | None = None
 
     def __post_init__(self):
+        for name in ("temperature", "top_p", "min_p", "repetition_penalty", "frequency_penalty", "presence_penalty"):
+            if not math.isfinite(getattr(self, name)):
+                raise ValueError(f"{name} must be a finite number")
         if self.temperature < 0:
             raise ValueError("temperature must be >= 0")
         if not 0 < self.top_p <= 1:
@@ -31,8 +35,8 @@ class SamplingConfig:
             raise ValueError("min_p must be in [0, 1)")
         if self.top_k < 0:
             raise ValueError("top_k must be >= 0")
-        if self.repetition_penalty <= 0:
-            raise ValueError("repetition_penalty must be > 0")
+        if not 0.01 <= self.repetition_penalty <= 100:  # beyond, logits overflow to inf and sampling to NaN
+            raise ValueError("repetition_penalty must be in [0.01, 100]")
 
 
 def make_sampler(cfg: SamplingConfig, device: torch.device | str = "cpu") -> Sampler:

@@ -11,14 +11,11 @@ def load_tokenizer(folder: str | Path):
     return AutoTokenizer.from_pretrained(str(folder))
 
 
-def eos_token_ids(tokenizer, model_config=None) -> set[int]:
-    """Every id that ends a reply: the tokenizer's EOS, the config's (may be a list), and end-of-turn marks."""
+def eos_token_ids(tokenizer) -> set[int]:
+    """Every id that ends a reply: the tokenizer's EOS and the end-of-turn marks of the families we run."""
     ids: set[int] = set()
     if tokenizer.eos_token_id is not None:
         ids.add(int(tokenizer.eos_token_id))
-    gen = getattr(tokenizer, "generation_eos_ids", None)
-    if gen:
-        ids.update(gen)
     vocab = tokenizer.get_vocab()
     for mark in ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "<|endoftext|>", "<eos>"):
         if mark in vocab:
@@ -68,7 +65,6 @@ class StreamingDetokenizer:
         self.tokens: list[int] = []
         self.prefix = 0   # decoding starts here (context so spaces decode right)
         self.read = 0     # tokens up to here are printed
-        self.text = ""    # everything printed so far
 
     def _decode(self, ids):
         return self.tokenizer.decode(ids, skip_special_tokens=self.skip)
@@ -85,12 +81,10 @@ class StreamingDetokenizer:
             self.tokens = self.tokens[self.prefix:]
             self.read -= self.prefix
             self.prefix = 0
-        self.text += piece
         return piece
 
     def flush(self) -> str:
         """Whatever is still held back (e.g. a truncated character at the very end)."""
         rest = self._decode(self.tokens[self.prefix:])[len(self._decode(self.tokens[self.prefix:self.read])):]
         self.read = len(self.tokens)
-        self.text += rest
         return rest

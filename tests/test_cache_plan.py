@@ -81,3 +81,22 @@ def test_bad_sizes():
         RingSlots(-1, 4)
     with pytest.raises(ValueError):
         RingSlots(4, 0)
+
+
+def test_max_pos_is_computed_by_the_plan_itself():
+    """`max_pos` sizes the rotary table; a derived plan (`dataclasses.replace`) must get its own, and the
+    per-pass rope memo must not be carried over from the plan it was derived from."""
+    import dataclasses
+
+    from sinkstream.rope import RopeConfig, Rotary
+    r = RingSlots(4, 16)
+    r.plan(100)
+    p = r.plan(7)
+    positions = [p.k_pos, p.q_pos, p.new_pos, p.sink_pos] + ([p.q_pos_sink] if p.q_pos_sink is not None else [])
+    assert p.max_pos == max(int(x.max()) for x in positions)
+    rot = Rotary(RopeConfig(8, 8))
+    tk, _, _ = p.rope(rot, torch.float32)
+    far = dataclasses.replace(p, k_pos=p.k_pos + 5000)
+    assert far.max_pos == int(p.k_pos.max()) + 5000
+    tk_far, _, _ = far.rope(rot, torch.float32)  # its own tables, past the first 4096 positions
+    assert torch.equal(tk_far[0], rot.tables(p.k_pos + 5000, torch.float32)[0])

@@ -66,12 +66,14 @@ def test_streameval_asks_the_right_lines():
 
 def test_cli_json(tmp_path, capsys):
     folder = tiny_folder(tmp_path / "tiny")
-    rc = main(["eval", "recall", "--model", str(folder), "--compare", "sink:2+62,dense", "--lengths", "120",
+    rc = main(["eval", "recall", "--model", str(folder), "--compare", "sink:2+62,dense,memory:2+62", "--lengths", "120",
                "--depths", "0.5", "--trials", "1", "--distances", "10", "--lines", "20", "--max-tokens", "2",
                "--json", "-q", "--out", str(tmp_path / "out")])
     assert rc == 0
     res = json.loads(capsys.readouterr().out)
-    assert {r["label"] for r in res["passkey"]} == {"sink(2,62)", "dense"}
+    assert {r["label"] for r in res["passkey"]} == {"sink(2,62)", "dense", "memory(2,62,4x64)"}
+    for r in res["passkey"] + res["streameval"]:  # the rows' fields agree with their labels
+        assert (r["sinks"], r["window"]) == {"sink": (2, 62), "memory": (2, 62), "dense": (0, None)}[r["cache"]]
     for r in res["passkey"] + res["streameval"]:
         assert 0.0 <= r["accuracy"] <= 1.0
     assert {"length", "depth", "distance"} <= set(res["passkey"][0])

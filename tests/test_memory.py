@@ -25,6 +25,10 @@ def test_memory_is_sink_before_anything_is_evicted(tiny):
 @pytest.fixture(scope="module")
 def one_layer():
     """A 1-layer tiny Llama: its logits depend on one attention's view only (no earlier-layer drift)."""
+    return _one_layer_model()
+
+
+def _one_layer_model():
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from sinkstream.loading import build_model
@@ -36,6 +40,22 @@ def one_layer():
         if p.dim() > 1:
             p.data.normal_(0, 0.08)
     return build_model(hf.config.to_dict(), hf.state_dict())
+
+
+def test_positions_past_4095_after_recall_grow_the_rope_table():
+    """Regression: the plan over [view, recalled blocks] once carried no `max_pos`, so the rotary table
+    (4096 positions when first built) never grew for it. Here every plain pass stays below position 4096
+    and only the recalled blocks (R = 64 columns) push the window past it; a fresh model, so no earlier
+    test has grown its table."""
+    S, W, C, B, k = 4, 4028, 64, 32, 2  # plain passes: positions < S + W + C - 1 = 4095
+    model = _one_layer_model()
+    cache = model.make_cache(CacheConfig("memory", S, W, prefill_chunk=C, block_size=B, top_k=k))
+    ids = torch.randint(0, 256, (1, S + W + 3 * B), generator=torch.Generator().manual_seed(6))
+    out = cache.run(model, ids)
+    assert cache.blocks >= 2 and torch.isfinite(out).all()
+    for _ in range(3):  # decode steps recall too
+        out = cache.run(model, out[:, -1].argmax(-1, keepdim=True))
+    assert torch.isfinite(out).all()
 
 
 def test_all_blocks_recalled_is_dense_attention(tiny):
@@ -134,6 +154,7 @@ def test_deep_index_tree_recalls_and_stays_small(monkeypatch, tmp_path, represen
     assert all(lv.recent < 2 * lv.group for lv in tree.levels)  # what stays on the device
     assert all(st.ram_bytes == 0 for st in cache.page_stores.values()) and len(cache.page_stores) == 4
     restored = MemoryCache(cfg, [LayerSpec(2, 16)])
+    restored.open_log(tmp_path / "log", cache.write_log(tmp_path / "log"))
     restored.load_state({k: t.clone() for k, t in cache.state().items()})
     t2 = restored.layers[0].index_tree
     assert [lv.count for lv in t2.levels] == [lv.count for lv in tree.levels]
@@ -198,6 +219,7 @@ def test_state_round_trips_with_spilled_memory(tiny, tmp_path):
     a.run(tiny, ids[:, :200])
     assert a.disk_bytes > 0 and a.store.ram_bytes == 0
     b = tiny.make_cache(cfg)
+    b.open_log(tmp_path / "log", a.write_log(tmp_path / "log"))
     b.load_state({k: v.clone() for k, v in a.state().items()})
     assert b.seen == a.seen and b.blocks == a.blocks and a.layers[0].index_tree.levels[1].count == 2
     for i in range(200, 260):  # continue token by token: identical logits
@@ -284,3 +306,292 @@ def test_decode_steps_rescore_only_the_new_voter(tiny):
     want = tree._votes(voters.reshape(voters.shape[0], -1, voters.shape[-1]), keys,
                        level.width).softmax(-1)
     assert torch.allclose(level.votes[1].reshape(want.shape), want, atol=1e-6)
+
+
+# --- sessions with a memory cache: the block log -------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_chat_dir(tmp_path_factory):
+    """A 2-layer random Llama with the default model's tokenizer (a Session needs one)."""
+    from serverkit import tiny_chat_model
+    return tiny_chat_model(tmp_path_factory.mktemp("tiny-chat"))
+
+
+@pytest.fixture(scope="module")
+def tiny_chat(tiny_chat_dir):
+    import sinkstream
+    return sinkstream.load(str(tiny_chat_dir), device="cpu", quiet=True)
+
+
+def _words(seed: int, n: int = 150) -> str:
+    g = torch.Generator().manual_seed(seed)
+    return " ".join(f"w{int(i)}" for i in torch.randint(0, 10**6, (n,), generator=g))
+
+
+def _save_counting(monkeypatch, s, path) -> int:
+    """Bytes one `Session.save` puts on disk: the session file (written whole) + every os.pwrite (the log)."""
+    from pathlib import Path
+    written, real = [0], os.pwrite
+
+    def counting(fd, data, offset):
+        n = real(fd, data, offset)
+        written[0] += n
+        return n
+    monkeypatch.setattr(os, "pwrite", counting)
+    try:
+        s.save(path)
+    finally:
+        monkeypatch.setattr(os, "pwrite", real)
+    return Path(path).stat().st_size + written[0]
+
+
+@pytest.mark.parametrize("budget", [None, 0])
+def test_memory_session_save_writes_only_what_changed(tiny_chat, tmp_path, monkeypatch, budget):
+    """Each turn adds about as many blocks; what a save writes must follow the new blocks, not all of them."""
+    model, tok = tiny_chat
+    cfg = CacheConfig("memory", 4, 32, block_size=8, top_k=2, prefill_chunk=32, memory_budget=budget,
+                      memory_dir=str(tmp_path / "scratch"))
+    s = Session(model, tok, cfg)
+    path = tmp_path / "s.safetensors"
+    blocks, written = [], []
+    for turn in range(5):
+        s.feed(_words(turn))
+        blocks.append(s.cache.blocks)
+        written.append(_save_counting(monkeypatch, s, path))
+    index_bytes = s.cache.store.layers * s.cache.store.block_bytes  # one block of every layer
+    new = [b - a for a, b in zip([0] + blocks, blocks)]
+    assert min(new[1:]) > 50  # every turn finalized many blocks
+    print("blocks", blocks, "bytes written per save", written)
+    # a later save writes its new blocks and a state that does not grow with the stream
+    assert written[4] - written[1] < 0.25 * (blocks[4] - blocks[1]) * index_bytes
+    assert written[4] < 0.5 * blocks[4] * index_bytes
+    for k in range(1, 5):
+        assert written[k] >= new[k] * index_bytes
+
+
+def _log_cfg(tmp_path, budget=0):
+    return CacheConfig("memory", 4, 32, block_size=8, top_k=2, prefill_chunk=32, memory_budget=budget,
+                       memory_dir=str(tmp_path / "scratch"))
+
+
+def _same_stream(a, b, model, seed=99):
+    """a and b hold the same stream: equal counts, and identical logits for what comes next (bytes in RAM
+    may differ: a loaded session reads its blocks from the log)."""
+    ids = torch.randint(0, 1000, (1, 40), generator=torch.Generator().manual_seed(seed))
+    sa, sb = a.stats(), b.stats()
+    assert (sa.tokens_seen, sa.tokens_cached, a.cache.blocks) == (sb.tokens_seen, sb.tokens_cached, b.cache.blocks)
+    with torch.inference_mode():  # as Session.feed runs the model
+        assert torch.equal(a.cache.run(model, ids, logits="all"), b.cache.run(model, ids, logits="all"))
+
+
+@pytest.mark.parametrize("budget", [None, 0])
+def test_memory_session_saved_and_loaded_every_turn_matches_uninterrupted(tiny_chat, tmp_path, budget):
+    model, tok = tiny_chat
+    cfg = _log_cfg(tmp_path, budget)
+    a, b = Session(model, tok, cfg), Session(model, tok, cfg)
+    path = tmp_path / "s.safetensors"
+    for turn in range(3):
+        a.feed(_words(turn, 60))
+        b.feed(_words(turn, 60))
+        b.save(path)
+        b = Session.load(path, model, tok)  # continues appending to the same log
+        assert b.cache.store.ram_bytes == 0 and len(b.cache.store.hot) <= b.cache.store.hot_blocks
+    assert a.cache.blocks > 40 and len(list(tmp_path.glob("*.kvlog"))) == 1
+    _same_stream(a, b, model)
+
+
+def test_memory_log_ignores_what_a_killed_save_appended(tiny_chat, tmp_path):
+    """A save killed after appending its blocks, before its session file replaced the old one: the log is
+    longer than the file says. Loading uses the committed part; the next save writes over the rest."""
+    from sinkstream.session import saved_log_folder
+    model, tok = tiny_chat
+    cfg = _log_cfg(tmp_path)
+    s, ref = Session(model, tok, cfg), Session(model, tok, cfg)
+    path = tmp_path / "s.safetensors"
+    s.feed(_words(0, 60))
+    ref.feed(_words(0, 60))
+    s.save(path)
+    log = saved_log_folder(path)
+    committed = {f.name: f.stat().st_size for f in log.iterdir()}
+    s.feed(_words(1, 60))
+    s.cache.write_log()  # the killed save's appended blocks ...
+    for f in log.iterdir():
+        with open(f, "ab") as out:
+            out.write(b"\xa5" * 1000)  # ... and a torn write after them
+        assert f.stat().st_size > committed.get(f.name, 0)
+    t = Session.load(path, model, tok)
+    assert t.cache.blocks == ref.cache.blocks < s.cache.blocks
+    t.feed(_words(1, 60))
+    ref.feed(_words(1, 60))
+    t.save(path)
+    per_index = t.cache.store.layers * t.cache.store.block_bytes
+    assert saved_log_folder(path) == log and (log / "blocks.kv").stat().st_size == t.cache.blocks * per_index
+    _same_stream(Session.load(path, model, tok), ref, model)
+
+
+def test_damaged_memory_log_is_refused(tiny_chat, tmp_path):
+    """The log's lengths and the digest of its CRCs are checked at load; each block is checked against its
+    CRC when read (at load for the recalled ones): a damaged log raises ValueError, never gives wrong K/V."""
+    import shutil
+
+    from sinkstream.session import saved_log_folder
+    model, tok = tiny_chat
+    s = Session(model, tok, _log_cfg(tmp_path, None))
+    s.feed(_words(0, 100))
+    path = tmp_path / "s.safetensors"
+    s.save(path)
+    log = saved_log_folder(path)
+    good = {f.name: f.read_bytes() for f in log.iterdir()}
+    store, rank = s.cache.store, 0
+    layer = s.cache.layers[s.cache.memory_layers[rank]]
+
+    def damage(name, offset=None, size=None):
+        for f, data in good.items():
+            (log / f).write_bytes(data)
+        data = bytearray(good[name])
+        if offset is not None:
+            data[offset] ^= 0x10
+        (log / name).write_bytes(bytes(data[:size]))
+
+    recalled = layer.ret_ids[0][0]
+    other = next(n for n in range(s.cache.blocks) if all(n not in row for m in s.cache.memory_layers
+                                                          for row in s.cache.layers[m].ret_ids))
+    at = (lambda n: (n * store.layers + rank) * store.block_bytes + 5)
+    for name, offset, size in [("blocks.crc", 7, None), ("blocks.kv", None, len(good["blocks.kv"]) - 1),
+                               ("pages0.crc", None, 0), ("blocks.kv", at(recalled), None)]:
+        damage(name, offset, size)
+        with pytest.raises(ValueError, match="damaged"):
+            Session.load(path, model, tok)
+    damage("blocks.kv", at(other))
+    t = Session.load(path, model, tok)  # a block nobody recalls is not read at load ...
+    with pytest.raises(ValueError, match="block log .* is damaged: block .* fails its CRC"):
+        t.cache.store.get(rank, other)  # ... but its first read refuses it
+    damage("blocks.kv")
+    _same_stream(Session.load(path, model, tok), s, model)
+    shutil.rmtree(log)
+    with pytest.raises(ValueError, match="block log"):
+        Session.load(path, model, tok)
+
+
+def test_memory_session_saved_elsewhere_is_self_contained(tiny_chat, tmp_path):
+    """A save to another path copies the log; the session keeps appending to its own."""
+    import shutil
+
+    from sinkstream.session import saved_log_folder
+    model, tok = tiny_chat
+    cfg = _log_cfg(tmp_path)
+    s, ref = Session(model, tok, cfg), Session(model, tok, cfg)
+    home, copy = tmp_path / "home" / "s.safetensors", tmp_path / "export" / "c.safetensors"
+    for turn in range(2):
+        s.feed(_words(turn, 60))
+        ref.feed(_words(turn, 60))
+        s.save(home)
+    home_log = saved_log_folder(home)
+    s.save(copy)
+    s.feed(_words(2, 60))
+    s.save(home)
+    assert saved_log_folder(home) == home_log  # still appending to its own log
+    c = Session.load(copy, model, tok)
+    shutil.rmtree(home.parent)  # the copy needs nothing of the original
+    _same_stream(c, ref, model)
+
+
+def test_two_sessions_saving_one_path_last_save_wins(tiny_chat, tmp_path):
+    """A session only appends to the log its path names if it saved or loaded that path last; otherwise its
+    save writes a complete new log (and the other session's log goes, though that session still reads it)."""
+    from sinkstream.session import saved_log_folder
+    model, tok = tiny_chat
+    cfg = _log_cfg(tmp_path)
+    path = tmp_path / "s.safetensors"
+    a, ref_a = Session(model, tok, cfg), Session(model, tok, cfg)
+    for s in (a, ref_a):
+        s.feed(_words(0, 60))
+    a.save(path)
+    b, ref_b = Session.load(path, model, tok), Session(model, tok, cfg)
+    ref_b.feed(_words(0, 60))
+    for s in (b, ref_b):
+        s.feed(_words(1, 60))
+    first = saved_log_folder(path)
+    b.save(path)  # b loaded the path last: it appends
+    assert saved_log_folder(path) == first
+    for s in (a, ref_a):
+        s.feed(_words(2, 60))
+    a.save(path)  # b saved since: a complete new log
+    assert saved_log_folder(path) != first and not first.exists()
+    _same_stream(Session.load(path, model, tok), ref_a, model)
+    for s in (b, ref_b):
+        s.feed(_words(3, 60))
+    b.save(path)  # b's log is gone from the folder, b still has it open: a new complete log again
+    assert len(list(tmp_path.glob("*.kvlog"))) == 1
+    _same_stream(Session.load(path, model, tok), ref_b, model)
+
+
+KILL_LOOP = r"""
+import os, sys
+import torch
+import sinkstream
+from sinkstream import CacheConfig, Session
+
+def words(seed, n=40):
+    g = torch.Generator().manual_seed(seed)
+    return " ".join(f"w{int(i)}" for i in torch.randint(0, 10**6, (n,), generator=g))
+
+model, tok = sinkstream.load(sys.argv[1], device="cpu", quiet=True)
+path = sys.argv[2]
+cfg = CacheConfig("memory", 4, 32, block_size=8, top_k=2, prefill_chunk=32, memory_budget=0,
+                  memory_dir=sys.argv[3])
+s = Session.load(path, model, tok) if os.path.exists(path) else Session(model, tok, cfg)
+turn = s.extra.get("turn", -1) + 1
+if len(sys.argv) > 4:  # die inside the save of this turn: its blocks appended and fsync'd, its file not replaced
+    import signal
+    die_at, real_replace = int(sys.argv[4]), os.replace
+    def replace(src, dst):
+        if s.extra["turn"] == die_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+        real_replace(src, dst)
+    os.replace = replace
+while True:
+    s.feed(words(turn))
+    s.extra["turn"] = turn
+    s.save(path)
+    print(turn, flush=True)  # acknowledged: the turn is on disk
+    turn += 1
+"""
+
+
+def test_kill9_at_any_moment_keeps_every_acknowledged_turn(tiny_chat, tiny_chat_dir, tmp_path):
+    """A process saves turn after turn (the loop resumes from the file) and is killed -9: first inside a
+    save, between appending to the log and replacing the file; then at random moments, whatever it is doing.
+    The file always loads, holds every acknowledged turn, and is the same stream as a session that was never
+    interrupted."""
+    import random
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from sinkstream.session import saved_log_folder
+    model, tok = tiny_chat
+    path, rng, acked = tmp_path / "k.safetensors", random.Random(7), -1
+    for round in range(3):
+        die = ["1"] if round == 0 else []
+        proc = subprocess.Popen([sys.executable, "-c", KILL_LOOP, str(tiny_chat_dir), str(path),
+                                 str(tmp_path / "scratch"), *die],
+                                stdout=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        acked = int(proc.stdout.readline())  # it works; now kill it at some moment in the next turns
+        if not die:
+            time.sleep(rng.uniform(0.0, 1.0))
+            proc.send_signal(signal.SIGKILL)
+        assert proc.wait() == -signal.SIGKILL
+        acked = max([acked] + [int(x) for x in proc.stdout.read().split()])
+        proc.stdout.close()
+        t = Session.load(path, model, tok)
+        turn = t.extra["turn"]
+        assert turn in (acked, acked + 1)  # a save in flight may have completed before the kill
+        if die:  # the log holds the killed save's blocks past what the file committed
+            per_index = t.cache.store.layers * t.cache.store.block_bytes
+            assert turn == 0 and (saved_log_folder(path) / "blocks.kv").stat().st_size > t.cache.blocks * per_index
+        ref = Session(model, tok, t.cache_config)
+        for i in range(turn + 1):
+            ref.feed(_words(i, 40))
+        _same_stream(t, ref, model)
+        assert len(list(tmp_path.glob("*.kvlog"))) == 1

@@ -87,3 +87,26 @@ def test_session_ids_cannot_name_paths(sid):
     with pytest.raises(ApiError) as e:
         check_id(sid)
     assert e.value.status == 400
+
+
+def test_memory_session_block_log_goes_with_the_session(tiny_chat, tmp_path):
+    """A memory session's blocks live in a log folder beside its file: deleting the session removes it, and a
+    log that no file names (a kill during a first save) is removed when a store opens the folder."""
+    from sinkstream.server.sessions import SessionStore
+    from sinkstream.session import saved_log_folder
+    model, tok = tiny_chat
+    cfg = CacheConfig("memory", sinks=4, window=32, block_size=8, top_k=2)
+    store = SessionStore(tmp_path, model, tok, model_id="tiny", cache_config=cfg, sampling=SamplingConfig())
+    s = store.create("m1")
+    s.feed(" ".join(f"word{i}" for i in range(120)))
+    store.commit("m1", s)
+    log = saved_log_folder(store.path("m1"))
+    assert s.cache.blocks > 10 and log.parent == tmp_path and (log / "blocks.kv").stat().st_size > 0
+    orphan = tmp_path / "m1.safetensors.0123abcd.kvlog"
+    orphan.mkdir()
+    (orphan / "blocks.kv").write_bytes(b"x")
+    store = SessionStore(tmp_path, model, tok, model_id="tiny", cache_config=cfg, sampling=SamplingConfig())
+    assert not orphan.exists() and log.exists() and store.ids() == ["m1"]
+    assert store.get("m1").cache.blocks == s.cache.blocks
+    store.delete("m1")
+    assert list(tmp_path.iterdir()) == []

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..errors import EmptyInputError
 from .kv import KVBuffer
 from .plan import Plan, RingSlots
 
@@ -122,9 +123,11 @@ class StreamCache:
 
     def run(self, model, input_ids: torch.Tensor, *, logits: str = "last", progress=None) -> torch.Tensor:
         """Feed input_ids [batch, n] in chunks of `prefill_chunk`; logits [batch, 1 or n, vocab]."""
+        n = input_ids.shape[1]
+        if n == 0:
+            raise EmptyInputError("empty input: there are no tokens to feed (the cache is unchanged)")
         chunk = self.chunk_size()
         outs = []
-        n = input_ids.shape[1]
         for i in range(0, n, chunk):
             out = model(input_ids[:, i:i + chunk], self)
             outs.append(out[:, -1:].clone() if logits == "last" else out)  # clone: free the chunk's logits
@@ -202,10 +205,9 @@ class RecomputeCache:
     from scratch (positions 0..W-1), exactly what a model with a W-token context would see.
     """
 
-    def __init__(self, config: CacheConfig, make_dense):
+    def __init__(self, config: CacheConfig):
         self.config = config
         self.window = config.window
-        self._make_dense = make_dense  # () -> a fresh dense StreamCache
         self.history = torch.empty(1, 0, dtype=torch.long)
         self.seen = 0
 
@@ -213,6 +215,8 @@ class RecomputeCache:
             every: int = 1) -> torch.Tensor:
         """logits="all" re-encodes one window per position (every `every`-th; others get NaN rows)."""
         W, n = self.window, input_ids.shape[1]
+        if n == 0:
+            raise EmptyInputError("empty input: there are no tokens to feed (the cache is unchanged)")
         ids = torch.cat([self.history.to(input_ids.device).expand(input_ids.shape[0], -1), input_ids], dim=1)
         off = ids.shape[1] - n
         self.history = ids[:1, -(W - 1):].cpu() if W > 1 else ids[:1, :0].cpu()
@@ -254,10 +258,8 @@ class RecomputeCache:
 def make_cache(model, config: CacheConfig | None = None, *, batch: int = 1):
     """The cache a `config` asks for, shaped for `model` (its layer specs, dtype and device)."""
     config = config or CacheConfig()
-    dense = lambda: StreamCache(CacheConfig("dense"), model.layer_specs(), batch=batch, dtype=model.dtype,
-                                device=model.device, max_context=model.max_context)
     if config.policy == "recompute":
-        return RecomputeCache(config, dense)
+        return RecomputeCache(config)
     if config.policy == "memory":
         from .memory import MemoryCache  # imports this module
         return MemoryCache(config, model.layer_specs(), batch=batch, dtype=model.dtype, device=model.device,

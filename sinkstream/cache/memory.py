@@ -49,12 +49,14 @@ with the retrieved blocks appended plus the extended plan (built once per pass, 
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from . import CacheConfig, LayerSpec, StreamCache
-from .blockstore import BlockStore
+from .blockstore import BlockStore, fsync_dir
 from .kv import KVBuffer
 from .memory_index import BlockIndex, Voters, _reassign, level_shape
 from .plan import Plan, RingSlots
@@ -245,15 +247,12 @@ class MemoryLayer:
         return self.ring.nbytes + sum(t.numel() * t.element_size() for t in ts) + self.index_tree.nbytes()
 
     def state(self, used: int) -> dict[str, torch.Tensor]:
-        n, f = self.blocks, self.open_fill
+        """Ring, open block, the index's unpaged keys, recall slots and voters: no finished block or index
+        page (those are in the stores, which `MemoryCache.write_log` makes durable)."""
+        f = self.open_fill
         out = self.ring.state(used)
-        blocks = [self.store.get(self.index, i) for i in range(n)]
         out.update(open_k=self.open_k[:, :f].clone(), open_v=self.open_v[:, :f].clone(),
-                   open_acc=self.open_acc[:, :f].clone(),
-                   blocks_k=torch.stack([b[0] for b in blocks]) if blocks else
-                   torch.zeros(0, *self.store.k_shape, dtype=self.store.dtype),
-                   blocks_v=torch.stack([b[1] for b in blocks]) if blocks else
-                   torch.zeros(0, *self.store.v_shape, dtype=self.store.dtype))
+                   open_acc=self.open_acc[:, :f].clone())
         out.update(self.index_tree.state())
         if self.acc is not None:
             out["acc"] = self.acc.clone()
@@ -263,9 +262,12 @@ class MemoryLayer:
         return {k: t.cpu() for k, t in out.items()}
 
     def load_state(self, st: dict[str, torch.Tensor]) -> None:
-        """Restore into a fresh layer (its stores empty)."""
-        if "index0_keys" not in st:
-            raise ValueError("this memory state was saved by an older sinkstream (no block index tree)")
+        """Restore into a fresh layer whose stores hold the state's blocks and pages (`MemoryCache.open_log`)."""
+        if "index0_count" not in st:
+            raise ValueError("this memory state was saved by an older sinkstream (blocks inside the state)")
+        if int(st["index0_count"]) != self.store.count[self.index]:
+            raise ValueError(f"this memory state has {int(st['index0_count'])} blocks, the block store "
+                             f"{self.store.count[self.index]}: open the state's block log first")
         self.ring.load_state(st)
         f = st["open_k"].shape[1]
         self.open_k[:, :f] = st["open_k"].to(self.open_k)
@@ -275,8 +277,6 @@ class MemoryLayer:
         self.open_fill = f
         if self.acc is not None and "acc" in st:
             self.acc.copy_(st["acc"])
-        for i in range(st["blocks_k"].shape[0]):
-            self.store.put(self.index, i, st["blocks_k"][i], st["blocks_v"][i])
         self.index_tree.load_state(st)
         self.ret_ids = st["ret_ids"].tolist()
         self.voters.load_state(st, self.ring.k)
@@ -298,6 +298,7 @@ class MemoryCache(StreamCache):
         self.memory_layers = [i for i, s in enumerate(specs) if s.sliding_window is None]
         self.memory_key = self.layer_group[self.memory_layers[0]] if self.memory_layers else None
         self.store, self.page_stores = self._new_block_store(), {}
+        self.log_folder = None  # the block log this cache appends to (`write_log`, `open_log`)
         for j, i in enumerate(self.memory_layers):  # stores are keyed by j, the memory layer's rank
             self.layers[i] = MemoryLayer(j, self.layers[i], config, self.store, self._page_store)
 
@@ -309,7 +310,8 @@ class MemoryCache(StreamCache):
             return BlockStore(0, 1, c.block_size, 1, 1, dtype=torch.float32)
         spec, n = self.specs[self.memory_layers[0]], len(self.memory_layers)
         return BlockStore(n, spec.kv_heads, c.block_size, spec.head_dim, spec.v_head_dim or spec.head_dim,
-                          dtype=self.kv_dtype, budget=c.memory_budget, directory=c.memory_dir, hot_blocks=c.top_k * n)
+                          dtype=self.kv_dtype, budget=c.memory_budget, directory=c.memory_dir, hot_blocks=c.top_k * n,
+                          name="blocks")
 
     def _page_store(self, level: int) -> BlockStore:
         """The pages of index level `level` (`memory_index`), shared by the memory layers, created on first
@@ -323,7 +325,7 @@ class MemoryCache(StreamCache):
             self.page_stores[level] = BlockStore(
                 n, spec.kv_heads, keys * group, spec.head_dim, 0, dtype=self.kv_dtype,
                 budget=None if c.memory_budget is None else c.memory_budget // share,
-                directory=c.memory_dir, hot_blocks=probes * n)
+                directory=c.memory_dir, hot_blocks=probes * n, name=f"pages{level}")
         return self.page_stores[level]
 
     def _stores(self) -> list[BlockStore]:
@@ -355,7 +357,8 @@ class MemoryCache(StreamCache):
         blocks = (hi if base.write_first else lo) - S
         blocks = blocks // self.config.block_size
         extended = self._extended(base, ring, blocks) if blocks else None
-        common = {f.name: getattr(base, f.name) for f in dataclasses.fields(Plan)}
+        # every field the base plan was built from (a subclass, so not `replace`); max_pos is derived again
+        common = {f.name: getattr(base, f.name) for f in dataclasses.fields(Plan) if f.init}
         common.update(evict_slots=evict_slots.to(dev), evict_src=new.to(dev), evict_cols=evict_cols,
                       evict_one=int(evict_slots[0]) if n_new == 1 and evict_slots.numel() == 1 else None,
                       blocks=blocks, extended=extended)
@@ -364,24 +367,25 @@ class MemoryCache(StreamCache):
         return plans
 
     def _extended(self, base: Plan, ring: RingSlots, blocks: int) -> Plan:
-        """The plan over [view, R retrieved columns]: positions as in the module docstring."""
+        """The plan over [view, R retrieved columns]: positions as in the module docstring (built on the
+        host, like every plan's positions; only the masks go to the device)."""
         S, R, dev = ring.sinks, min(self.config.top_k, blocks) * self.config.block_size, self.device
         t = torch.arange(base.start, base.start + base.n_new)
         o = ring.oldest(t)
         tok = base.k_tokens
-        window = (tok >= S).to(dev)
+        window = tok >= S
         q_pos = base.q_pos + R
-        q_sink = (S + R + t - o).to(dev)
+        q_sink = S + R + t - o
         q_pos_sink = None if bool((q_sink == q_pos).all()) else q_sink
-        retrieved = torch.ones(R, dtype=torch.bool, device=dev)
-        return Plan(n_new=base.n_new, start=base.start, write_first=base.write_first, read_len=base.read_len,
-                    write_slots=base.write_slots, write_src=base.write_src, capacity=base.capacity,
-                    k_tokens=torch.cat([tok, torch.full((R,), -1, dtype=tok.dtype)]),
-                    k_pos=torch.cat([base.k_pos + R * window, S + torch.arange(R, device=dev)]),
-                    q_pos=q_pos, q_pos_sink=q_pos_sink,
-                    sink_cols=None if q_pos_sink is None else torch.cat([~window, retrieved]),
-                    mask=None if base.mask is None else
-                    torch.cat([base.mask, retrieved.expand(base.n_new, R)], dim=1))
+        retrieved = torch.ones(R, dtype=torch.bool)
+        on_dev = (lambda x: x.to(dev, non_blocking=True))
+        return dataclasses.replace(
+            base, k_tokens=torch.cat([tok, torch.full((R,), -1, dtype=tok.dtype)]),
+            k_pos=torch.cat([base.k_pos + R * window, S + torch.arange(R)]),
+            q_pos=q_pos, q_pos_sink=q_pos_sink,
+            new_pos=None if base.new_pos is None else base.new_pos + R * (t >= S),
+            sink_cols=None if q_pos_sink is None else on_dev(torch.cat([~window, retrieved])),
+            mask=None if base.mask is None else torch.cat([base.mask, on_dev(retrieved).expand(base.n_new, R)], 1))
 
     # --- protocol -------------------------------------------------------------------------------------
     def chunk_size(self) -> int:
@@ -411,12 +415,50 @@ class MemoryCache(StreamCache):
         return sum(st.disk_bytes for st in self._stores())
 
     def load_state(self, st: dict[str, torch.Tensor]) -> None:
-        """Restore `state()`: ring buffers as `StreamCache` does, memory blocks into a fresh store."""
+        """Restore `state()` into a fresh cache: ring buffers as `StreamCache` does; blocks and index pages
+        are read from the block log `open_log` opened (a state saved before any block needs none)."""
+        super().load_state(st)
+        for store in self._stores():
+            store.enforce_budget()
+
+    # --- the block log: a saved session's blocks and index pages, appended to as the stream goes -------
+    def write_log(self, folder: str | os.PathLike | None = None, *, bind: bool = True) -> dict[str, dict]:
+        """Make every finished block and index page durable (written and fsync'd, see `BlockStore`) and
+        return what a session file records with `state()`: per store, the committed count and CRC digest.
+
+        ``folder=None``: append what is new to this cache's log, O(new blocks). A folder (a new one): write
+        a complete log there, copying this cache's log; with ``bind`` it becomes this cache's log."""
+        if folder is None and self.log_folder is None:
+            raise ValueError("this cache has no block log yet: write one to a folder")
+        target = self.log_folder if folder is None else Path(folder)
+        if folder is not None:
+            target.mkdir(parents=True, mode=0o700)
+        # a page store that appeared since the last save starts its files in the log folder
+        out = {st.name: st.write_log(target if folder is not None or st.log is None else None, bind=bind)
+               for st in self._stores()}
+        fsync_dir(target)
+        if folder is not None and bind:
+            self.log_folder = target
+        return out
+
+    def open_log(self, folder: str | os.PathLike, stores: dict[str, dict]) -> None:
+        """Read blocks and index pages from the committed log in `folder` (`stores`: what `write_log`
+        returned), and append to it from now on; nothing is read into RAM. Call on a fresh cache, before
+        `load_state`. Raises ValueError if the log is missing or damaged."""
+        folder = Path(folder)
         for store in self._stores():
             store.close()
         self.store, self.page_stores = self._new_block_store(), {}
         for i in self.memory_layers:
             self.layers[i].store = self.store
-        super().load_state(st)
-        for store in self._stores():
-            store.enforce_budget()
+        try:
+            for name, state in stores.items():
+                if name == "blocks":
+                    self.store.open_log(folder, state)
+                elif name.startswith("pages") and self.memory_layers:
+                    self._page_store(int(name[5:])).open_log(folder, state)
+                else:
+                    raise ValueError(f"unknown store {name!r} in the block log")
+        except OSError as e:
+            raise ValueError(f"block log {folder} cannot be read: {e}") from None
+        self.log_folder = folder

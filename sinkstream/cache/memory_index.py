@@ -277,41 +277,38 @@ class BlockIndex:
         return sum(level.nbytes() for level in self.levels)
 
     def state(self) -> dict[str, torch.Tensor]:
-        """Per level: every entry's keys in order (pages, then recent), the recent entries' attention
-        received, where grouping stands and which pages are probed."""
+        """Per level: the recent (not yet grouped) entries' keys and attention received, where grouping
+        stands and which pages are probed. O(levels * group) keys: the pages are in the page stores."""
         out = {}
         for lv, level in enumerate(self.levels):
-            pages = [level.store.get(self.layer, i)[0] for i in range(level.first // level.group)]
-            keys = pages + [level.keys[:, :level.recent * level.width]]
-            out[f"index{lv}_keys"] = torch.cat([t.to(level.keys) for t in keys], 1).cpu()
+            out[f"index{lv}_keys"] = level.keys[:, :level.recent * level.width].cpu()
             out[f"index{lv}_acc"] = level.acc[:, :level.recent * level.width].cpu()
             out[f"index{lv}_first"] = torch.tensor([level.first])
+            out[f"index{lv}_count"] = torch.tensor([level.count])
             out[f"index{lv}_probed"] = torch.tensor(level.probed_ids)
         return out
 
     def load_state(self, st: dict[str, torch.Tensor]) -> None:
-        """Restore into a fresh index (its page stores empty)."""
+        """Restore into a fresh index whose page stores hold the state's pages (`MemoryCache.open_log`)."""
         lv = 0
         self.levels = self.levels[:1]
         while f"index{lv}_keys" in st:
             if lv == len(self.levels):
                 self.levels.append(self._new_level(lv))
             level = self.levels[lv]
-            level.store = None  # the cache hands out fresh (empty) page stores after a restore
-            keys, first = st[f"index{lv}_keys"].to(level.keys), int(st[f"index{lv}_first"])
-            w, gw = level.width, level.group * level.width
-            for i in range(first // level.group):
-                if level.store is None:
-                    level.store = self.page_store(lv)
-                page = keys[:, i * gw:(i + 1) * gw]
-                level.store.put(self.layer, i, page, page.new_zeros(page.shape[0], gw, 0))
-            recent = keys[:, first * w:]
+            first, count = int(st[f"index{lv}_first"]), int(st[f"index{lv}_count"])
+            pages, gw = first // level.group, level.group * level.width
+            level.store = self.page_store(lv) if pages else None
+            if pages and level.store.count[self.layer] != pages:
+                raise ValueError(f"index level {lv} has {pages} pages, its page store "
+                                 f"{level.store.count[self.layer]}: open the state's block log first")
+            recent = st[f"index{lv}_keys"].to(level.keys)
             m = max(2 * gw, 2 * recent.shape[1])
             level.keys = level.keys.new_zeros(self.heads, m, self.head_dim)
             level.acc = level.acc.new_zeros(self.heads, m)
             level.keys[:, :recent.shape[1]] = recent
             level.acc[:, :recent.shape[1]] = st[f"index{lv}_acc"].to(level.acc)
-            level.first, level.count = first, keys.shape[1] // w
+            level.first, level.count = first, count
             level.probed_ids = st[f"index{lv}_probed"].tolist()
             level.probed_entry.fill_(-1)
             level.candidates = level.votes = level.sticky = None

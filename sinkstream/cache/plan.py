@@ -1,15 +1,28 @@
-"""Which cached key sits in which buffer slot, and at which position it is attended. Written down once.
+"""Which cached key sits in which buffer slot, at which position it is attended, and where RoPE is applied.
+Written down once, here; `sinkstream.rope`, `sinkstream.attention` and the caches point to it.
 
 Position contract (the StreamingLLM re-indexing, Xiao et al. §3.2):
 
-* Stream token ``u`` (0, 1, 2, ... for ever) is stored, *un-rotated*, in slot ``u`` if ``u < S`` (a sink,
-  kept for ever) and otherwise in ring slot ``S + (u - S) % W``. The slot is a pure function of ``u``.
+* Stream token ``u`` (0, 1, 2, ... for ever) is stored in slot ``u`` if ``u < S`` (a sink, kept for ever)
+  and otherwise in ring slot ``S + (u - S) % W``. The slot is a pure function of ``u``.
 * When token ``t`` is the query, it sees the sinks ``0..S-1`` and the window ``o_t..t`` where
   ``o_t = max(S, t - W + 1)``: at most ``S + W`` keys, itself included.
 * Positions are assigned *inside the cache*: sink ``s`` sits at ``s``, window token ``u`` at ``S + u - o_t``
   and the query at ``S + t - o_t``. Nothing ever sits beyond ``S + W - 1``, however long the stream.
-* RoPE is applied at attention time (`sinkstream.rope`), to the keys of the view and to the queries, so a
-  key's rotation follows the eviction of older tokens without any re-rotation of stored data.
+* Where RoPE is applied (one `sinkstream.rope.Rotary` per model does all of it). Queries: always at attention
+  time, to ``q_pos`` (and ``q_pos_sink``). Keys depend on the policy:
+
+  - ``dense``, ``window``, ``sink`` store keys *rotated*: each new key is rotated once when written, at
+    ``new_pos`` (cache/kv.py), so a decode step rotates one key, not the whole cache. The sinks' positions
+    change with every pass, so their un-rotated keys are kept aside and rotated into slots ``0..S-1`` each
+    pass (at ``sink_pos``). ``keys_rotated`` is True and `attend` leaves the view's keys alone. The window
+    keys' positions are fixed by an offset (the "rotation offset" below), re-based once per W tokens.
+  - ``memory`` stores keys *un-rotated* (its blocks are scored and recalled without positions) and
+    `attend` rotates every key of the view to ``k_pos`` each pass; so does every cache on a layer without
+    a rotary module. ``recompute`` keeps no keys: it re-encodes its window from scratch every pass.
+
+  Either way a key attended by a query sits at the same position *difference* from it, which is all RoPE
+  scores depend on.
 
 A chunk of ``C`` new tokens is processed in one forward pass with the same result as ``C`` single steps:
 each query gets a banded mask (its own sinks + window), window keys are placed at ``S + u - b`` with
@@ -25,10 +38,15 @@ Rotation offset. RoPE scores depend only on the difference of the query's and th
 position above may carry one common offset: the Plan places window keys at ``S + u - base`` and the query at
 ``S + t - base``, and gives sinks ``s + (o_t0 - base)``; all *differences* are exactly the in-cache ones.
 Caches that rotate keys at attention time use ``base = o_t0`` each pass (the plain formulas). Pre-rotating
-caches (``lazy_base=True``, the default for dense/window/sink) store window keys already rotated and keep
-``base`` fixed, so a decode step rotates one new key and the S sinks instead of the whole cache; once
-``t - base`` reaches ``2W`` they re-base (rotate the stored window back by ``delta``, once per W tokens, a
-key is re-rotated at most twice in its life) so positions stay below ``S + 2W + C``.
+caches (``lazy_base=True``: dense/window/sink) store window keys already rotated and keep ``base`` fixed,
+so a decode step rotates one new key and the S sinks instead of the whole cache; once ``t - base`` reaches
+``2W`` they re-base (rotate the stored window back by ``delta``, once per W tokens, a key is re-rotated at
+most twice in its life) so positions stay below ``S + 2W + C``.
+
+Positions are host tensors. They are built on the CPU and stay there: the Plan computes ``max_pos`` (how
+far the rotary table must reach) from them without a device sync, and so does every plan derived from it
+with `dataclasses.replace`. They reach the device only as table look-ups (`Plan.rope`, `Plan.key_tables`)
+or ALiBi distances (`Plan.distances`), each made once per pass and plan.
 """
 from __future__ import annotations
 
@@ -41,7 +59,12 @@ from ..errors import ContextOverflowError
 
 @dataclass
 class Plan:
-    """What one forward pass of ``n_new`` tokens does with one group of layer caches. Built once per pass."""
+    """What one forward pass of ``n_new`` tokens does with one group of layer caches. Built once per pass.
+
+    Index and mask tensors live on the cache's device; positions (``*_pos``) and ``k_tokens`` on the host
+    (see the module docstring). Derive a plan with `dataclasses.replace`: ``max_pos`` and the per-pass
+    memo of rotary tables are then made afresh for it, never copied.
+    """
     n_new: int
     start: int                      # stream index of the first new token
     write_first: bool               # write new K/V, then read the buffer (decode); else read, then write
@@ -50,7 +73,7 @@ class Plan:
     write_src: torch.Tensor         # [m] which of the new tokens go there
     capacity: int                   # buffer slots needed after this pass
     k_tokens: torch.Tensor          # [Lk] stream index of every key in the view
-    k_pos: torch.Tensor             # [Lk] in-cache position of every key
+    k_pos: torch.Tensor             # [Lk] in-cache position of every key (host, like every position)
     q_pos: torch.Tensor             # [C] query positions (for all non-sink columns)
     q_pos_sink: torch.Tensor | None  # [C] query positions for sink columns; None when equal to q_pos
     sink_cols: torch.Tensor | None  # [Lk] bool, columns that use q_pos_sink
@@ -60,29 +83,51 @@ class Plan:
     rebase: int = 0                 # pre-rotated caches: rotate stored window keys by -rebase before this pass
     new_pos: torch.Tensor | None = None   # [C] rotation positions of the new keys
     sink_pos: torch.Tensor | None = None  # [S] rotation positions of the sink keys for this pass
-    max_pos: int = 0                # largest position above (known on the CPU: table look-ups need no sync)
-    _rope: dict = field(default_factory=dict, repr=False)
+    max_pos: int = field(init=False, default=0)  # largest position above; computed from the host positions
+                                                 # here (table look-ups need no device sync), never passed
+
+    def __post_init__(self):
+        positions = [p for p in (self.k_pos, self.q_pos, self.q_pos_sink, self.new_pos, self.sink_pos)
+                     if p is not None]
+        if any(p.device.type != "cpu" for p in positions):
+            raise ValueError("Plan positions are host tensors (their maximum is read without a device sync)")
+        self.max_pos = max((int(p.max()) for p in positions if p.numel()), default=0)
+        # what this pass derives from its positions, per rotary module / device: not a field, so a plan
+        # made with `dataclasses.replace` starts with its own
+        self._memo: dict = {}
 
     def rope(self, rotary, dtype: torch.dtype):
         """cos/sin for keys (None when the buffer stored them rotated), queries and sink-column queries;
-        computed once per pass per rotary module and shared by every layer using it."""
-        key = (id(rotary), dtype)
-        if key not in self._rope:
+        computed once per pass per rotary module and shared by every layer using this plan."""
+        key = ("rope", id(rotary), dtype)
+        if key not in self._memo:
             m = self.max_pos
             tk = None if self.keys_rotated else rotary.tables(self.k_pos, dtype, max_pos=m)
             tq = rotary.tables(self.q_pos, dtype, max_pos=m)
             ts = None if self.q_pos_sink is None else rotary.tables(self.q_pos_sink, dtype, max_pos=m)
-            self._rope[key] = (tk, tq, ts)
-        return self._rope[key]
+            self._memo[key] = (tk, tq, ts)
+        return self._memo[key]
 
     def key_tables(self, rotary, dtype: torch.dtype):
         """cos/sin for the new keys and for the sinks (pre-rotating buffers), once per pass per rotary module."""
         key = ("keys", id(rotary), dtype)
-        if key not in self._rope:
+        if key not in self._memo:
             m = self.max_pos
-            self._rope[key] = (rotary.tables(self.new_pos, dtype, max_pos=m),
+            self._memo[key] = (rotary.tables(self.new_pos, dtype, max_pos=m),
                                None if self.sink_pos is None else rotary.tables(self.sink_pos, dtype, max_pos=m))
-        return self._rope[key]
+        return self._memo[key]
+
+    def distances(self, device: torch.device) -> torch.Tensor:
+        """[C, Lk] query position minus key position (sink columns from ``q_pos_sink``), for ALiBi; once
+        per pass per device."""
+        key = ("distances", device)
+        if key not in self._memo:
+            on = (lambda x: x.to(device, non_blocking=True))
+            qp = on(self.q_pos)[:, None]
+            if self.q_pos_sink is not None:
+                qp = torch.where(self.sink_cols[None, :], on(self.q_pos_sink)[:, None], qp)
+            self._memo[key] = qp - on(self.k_pos)[None, :]
+        return self._memo[key]
 
     def extend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
         """Hook for per-layer additions to the view (the retrieval memory adds recalled blocks); no-op here."""
@@ -160,16 +205,15 @@ class RingSlots:
             (k_tok[None, :] < S) | (k_tok[None, :] >= o[:, None]))
         mask = None if bool(vis.all()) else vis
         sink_cols = None if q_pos_sink is None else (k_tok < S)
-        max_pos = int(max(k_pos.max(), q_pos.max(), new_pos.max(), S + shift))
         dev = torch.device(device)
         mv = (lambda x: None if x is None else x.to(dev, non_blocking=True))
         return Plan(n_new=n_new, start=t0, write_first=write_first, read_len=read_len,
                     write_slots=mv(write_slots), write_src=mv(survivors - t0), capacity=min(t_last + 1, self.size),
-                    k_tokens=k_tok, k_pos=mv(k_pos), q_pos=mv(q_pos), q_pos_sink=mv(q_pos_sink),
+                    k_tokens=k_tok, k_pos=k_pos, q_pos=q_pos, q_pos_sink=q_pos_sink,
                     sink_cols=mv(sink_cols), mask=mv(mask),
                     decode_slot=int(write_slots[0]) if n_new == 1 and write_slots.numel() else None,
-                    keys_rotated=self.lazy_base, rebase=rebase, new_pos=mv(new_pos),
-                    sink_pos=mv(torch.arange(S) + shift) if S else None, max_pos=max_pos)
+                    keys_rotated=self.lazy_base, rebase=rebase, new_pos=new_pos,
+                    sink_pos=torch.arange(S) + shift if S else None)
 
     def state(self) -> dict:
         return {"seen": self.seen, "base": self.base, "slot_token": self.slot_token.clone()}

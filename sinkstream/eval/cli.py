@@ -20,9 +20,9 @@ def _common(p: argparse.ArgumentParser, *, cache: bool = True, compare: str | No
                        help="comma-separated caches to run on the same input, e.g. sink,window,dense,recompute "
                             "or with sizes sink:4+252,window:256,recompute:256 (bare window/recompute get the "
                             f"sink cache's total size; default: {compare or 'just --cache'})")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--seed", type=A.seed, default=0, help="random seed (default 0)")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
-    p.add_argument("--out", default=None, metavar="DIR", help="write CSV and PNG files here")
+    p.add_argument("--out", type=A.out_folder, default=None, metavar="DIR", help="write CSV and PNG files here")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
 
 
@@ -130,6 +130,28 @@ def _floats(s: str) -> list[float]:
         raise SinkstreamError(f"expected comma-separated numbers, got {s!r}") from None
 
 
+def _counts(text: str) -> str:
+    """argparse type: comma-separated integers, each at least 1 (kept as text, parsed by `_ints`)."""
+    try:
+        values = _ints(text)
+    except SinkstreamError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers of at least 1, got {text!r}")
+    return text
+
+
+def _fractions(text: str) -> str:
+    """argparse type: comma-separated numbers in [0, 1]."""
+    try:
+        values = _floats(text)
+    except SinkstreamError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    if not values or not all(0 <= v <= 1 for v in values):
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers between 0 and 1, got {text!r}")
+    return text
+
+
 # --- eval chat ------------------------------------------------------------------------------------------
 def _chat(args) -> int:
     from . import chat, plots
@@ -210,35 +232,38 @@ def register(sub) -> None:
 
     p = evsub.add_parser("ppl", help="perplexity of a long stream under one or several cache policies")
     p.add_argument("files", nargs="*", help="text files, concatenated in order (default: the bundled excerpt)")
-    p.add_argument("--tokens", type=int, default=None, help="use only the first N tokens")
+    p.add_argument("--tokens", type=A.positive_int, default=None, help="use only the first N tokens")
     p.add_argument("--mode", default="banded",
                    help="comma-separated: exact (token by token, the paper's protocol), banded (chunks with "
                         "per-query masks = exact, fast; default), chunked (chunk sees the whole pre-chunk cache, "
                         "approximate)")
-    p.add_argument("--chunk", type=int, default=512, help="tokens per pass in banded/chunked modes")
-    p.add_argument("--every", type=int, default=1000, help="running-curve block size in tokens")
-    p.add_argument("--recompute-every", type=int, default=16, help="score recompute on every k-th token only")
+    p.add_argument("--chunk", type=A.positive_int, default=512, help="tokens per pass in banded/chunked modes")
+    p.add_argument("--every", type=A.positive_int, default=1000, help="running-curve block size in tokens")
+    p.add_argument("--recompute-every", type=A.positive_int, default=16,
+                   help="score recompute on every k-th token only")
     _common(p, compare="")
     p.set_defaults(func=_ppl)
 
     r = evsub.add_parser("recall", help="what the window keeps and forgets: pass key and StreamEval")
     r.add_argument("--task", choices=("passkey", "streameval", "both"), default="both")
-    r.add_argument("--lengths", default="512,1024,2048", help="passkey: context lengths in tokens")
-    r.add_argument("--depths", default="0.1,0.5,0.9", help="passkey: where the key sits (0 = start, 1 = end)")
-    r.add_argument("--trials", type=int, default=2, help="passkey: random keys per length and depth")
-    r.add_argument("--distances", default="10,20,40,80", help="StreamEval: lines between a line and its question")
-    r.add_argument("--lines", type=int, default=100, help="StreamEval: lines streamed per distance")
-    r.add_argument("--query-every", type=int, default=10, help="StreamEval: ask after every N lines")
+    r.add_argument("--lengths", type=_counts, default="512,1024,2048", help="passkey: context lengths in tokens")
+    r.add_argument("--depths", type=_fractions, default="0.1,0.5,0.9",
+                   help="passkey: where the key sits (0 = start, 1 = end)")
+    r.add_argument("--trials", type=A.positive_int, default=2, help="passkey: random keys per length and depth")
+    r.add_argument("--distances", type=_counts, default="10,20,40,80",
+                   help="StreamEval: lines between a line and its question")
+    r.add_argument("--lines", type=A.positive_int, default=100, help="StreamEval: lines streamed per distance")
+    r.add_argument("--query-every", type=A.positive_int, default=10, help="StreamEval: ask after every N lines")
     r.add_argument("--lines-file", default=None,
                    help="StreamEval: take lines from a LongEval jsonl (default: generated from --seed)")
-    r.add_argument("--max-tokens", type=int, default=40, help="StreamEval: reply tokens per question")
+    r.add_argument("--max-tokens", type=A.positive_int, default=40, help="StreamEval: reply tokens per question")
     _common(r, compare="")
     r.set_defaults(func=_recall)
 
     c = evsub.add_parser("chat", help="MT-Bench-style: many user turns in one endless session per cache")
     c.add_argument("--questions", default=None, help="JSONL with a `turns` list per line (default: a bundled sample)")
-    c.add_argument("--limit", type=int, default=None, help="use the first N questions")
-    c.add_argument("--max-tokens", type=int, default=128, help="reply tokens per turn")
+    c.add_argument("--limit", type=A.positive_int, default=None, help="use the first N questions")
+    c.add_argument("--max-tokens", type=A.positive_int, default=128, help="reply tokens per turn")
     c.add_argument("--system", default=None, help="system prompt")
     c.add_argument("--json-turns", action="store_true", help="include every turn in the JSON output")
     A.add_sampling_args(c)
@@ -246,25 +271,27 @@ def register(sub) -> None:
     A.add_cache_args(c)
     c.add_argument("--compare", default="", help="caches to compare, as for eval ppl (default: just --cache)")
     c.add_argument("--json", action="store_true", help="print one JSON object on stdout")
-    c.add_argument("--out", default=None, metavar="DIR", help="write CSV and PNG files here")
+    c.add_argument("--out", type=A.out_folder, default=None, metavar="DIR", help="write CSV and PNG files here")
     c.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
     c.set_defaults(func=_chat)
 
     b = sub.add_parser("bench", help="decode latency and memory against stream position, per cache policy")
-    b.add_argument("--tokens", type=int, default=100_000, help="furthest stream position (default 100K; 1M works)")
-    b.add_argument("--points", default=None, help="comma-separated positions (default: 1-3-10 steps up to --tokens)")
-    b.add_argument("--decode-steps", type=int, default=16, help="timed decode steps at each position")
+    b.add_argument("--tokens", type=A.positive_int, default=100_000,
+                   help="furthest stream position (default 100K; 1M works)")
+    b.add_argument("--points", type=_counts, default=None,
+                   help="comma-separated positions (default: 1-3-10 steps up to --tokens)")
+    b.add_argument("--decode-steps", type=A.positive_int, default=16, help="timed decode steps at each position")
     b.add_argument("--peers", action="store_true",
                    help="add HF transformers dense decoding (and llama-cpp-python if installed) as peer rows")
-    b.add_argument("--peer-max", type=int, default=8192, help="furthest position for the dense peers")
+    b.add_argument("--peer-max", type=A.positive_int, default=8192, help="furthest position for the dense peers")
     _common(b, compare="sink,dense,recompute")
     b.set_defaults(func=_bench)
 
     s = sub.add_parser("sinks", help="attention-sink analysis: attention mass on the first token per layer/head")
     s.add_argument("files", nargs="*", help="text files (default: the bundled excerpt)")
-    s.add_argument("--tokens", type=int, default=512, help="tokens per sample")
-    s.add_argument("--samples", type=int, default=2, help="consecutive samples averaged")
-    s.add_argument("--first-k", type=int, default=4, help="also report mass on the first k tokens")
-    s.add_argument("--epsilon", type=float, default=0.3, help="a head is a sink head above this mass")
+    s.add_argument("--tokens", type=A.positive_int, default=512, help="tokens per sample")
+    s.add_argument("--samples", type=A.positive_int, default=2, help="consecutive samples averaged")
+    s.add_argument("--first-k", type=A.positive_int, default=4, help="also report mass on the first k tokens")
+    s.add_argument("--epsilon", type=A.fraction, default=0.3, help="a head is a sink head above this mass")
     _common(s, cache=False)
     s.set_defaults(func=_sinks)

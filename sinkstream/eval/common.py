@@ -73,8 +73,8 @@ def cache_row(cfg: CacheConfig) -> dict:
     """How results name a cache: policy, sinks and window (dense has neither)."""
     if cfg.policy == "dense":
         return {"cache": "dense", "label": "dense", "sinks": 0, "window": None}
-    return {"cache": cfg.policy, "label": cfg.describe(), "sinks": cfg.sinks if cfg.policy == "sink" else 0,
-            "window": cfg.window}
+    sinks = cfg.sinks if cfg.policy in ("sink", "memory") else 0  # the policies that keep sinks
+    return {"cache": cfg.policy, "label": cfg.describe(), "sinks": sinks, "window": cfg.window}
 
 
 def read_text_files(paths: list[str | os.PathLike] | None) -> list[Path]:

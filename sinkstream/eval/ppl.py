@@ -41,14 +41,13 @@ def _widen(plan: Plan, sinks: int, window: int) -> Plan:
     if plan.write_first:
         return plan  # single tokens, or chunks before the ring is full: nothing to widen
     t = torch.arange(plan.start, plan.start + plan.n_new)
-    dev = plan.q_pos.device
-    b = sinks + plan.start - int(plan.q_pos[0])  # query t sits at S + t - b
+    b = sinks + plan.start - int(plan.q_pos[0])  # query t sits at S + t - b (positions are host tensors)
     shift = max(sinks, plan.start - window) - b
     k_tok = plan.k_tokens
-    changes = dict(k_pos=torch.where(k_tok < sinks, k_tok + shift, sinks + k_tok - b).to(dev), q_pos_sink=None,
-                   sink_cols=None, mask=(k_tok[None, :] <= t[:, None]).to(dev), _rope={})
-    if getattr(plan, "sink_pos", None) is not None:  # caches that rotate sinks separately
-        changes["sink_pos"] = (torch.arange(sinks) + shift).to(dev)
+    changes = dict(k_pos=torch.where(k_tok < sinks, k_tok + shift, sinks + k_tok - b), q_pos_sink=None,
+                   sink_cols=None, mask=(k_tok[None, :] <= t[:, None]).to(plan.write_slots.device))
+    if plan.sink_pos is not None:  # caches that rotate sinks separately
+        changes["sink_pos"] = torch.arange(sinks) + shift
     return dataclasses.replace(plan, **changes)
 
 

@@ -33,6 +33,15 @@ class CausalLM(nn.Module):
     """
 
     config = None  # the family's config dataclass
+    # Weight tying: dotted names of the input embedding and the output head, whose weights are one matrix
+    # when `tied`. Families name their modules; the tying itself is done here only.
+    embedding_module = "model.embed_tokens"
+    head_module = "lm_head"
+
+    @property
+    def tied(self) -> bool:
+        """Whether the output head shares the input embedding's matrix (``tie_word_embeddings``)."""
+        return bool(self.config.tie_word_embeddings)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -64,11 +73,18 @@ class CausalLM(nn.Module):
         raise NotImplementedError
 
     def prepare_state_dict(self, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Map a HF state dict onto this module's names (families override for fused/renamed tensors)."""
+        """Map a HF state dict onto this module's names. Families that fuse or rename tensors override this
+        and end with ``super().prepare_state_dict(sd)``: a tied (or absent) head takes the embedding."""
+        head, embedding = f"{self.head_module}.weight", f"{self.embedding_module}.weight"
+        if self.tied or head not in sd:
+            sd[head] = sd[embedding]
         return sd
 
     def tie_weights(self) -> None:
-        """Re-share tied tensors after loading (loading assigns new Parameters)."""
+        """Share the embedding's matrix with the head when `tied`: when a family has built its modules, and
+        again after loading (which assigns new Parameters)."""
+        if self.tied:
+            self.get_submodule(self.head_module).weight = self.get_submodule(self.embedding_module).weight
 
     @classmethod
     def from_hf_config(cls, cfg: dict) -> "CausalLM":

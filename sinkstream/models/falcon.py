@@ -160,6 +160,7 @@ class Backbone(nn.Module):
           needs="config.json + safetensors or GGUF; Falcon 7B/40B/180B (RoPE), Falcon-RW (ALiBi)")
 class FalconForCausalLM(CausalLM):
     config_class = FalconConfig
+    embedding_module = "transformer.word_embeddings"
 
     def __init__(self, config: FalconConfig):
         super().__init__()
@@ -167,17 +168,7 @@ class FalconForCausalLM(CausalLM):
         self.rotary = None if config.rope is None else Rotary(config.rope, device="cpu")
         self.transformer = Backbone(config, self.rotary)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        if config.tie_word_embeddings:
-            self.lm_head.weight = self.transformer.word_embeddings.weight
-
-    def prepare_state_dict(self, sd):
-        if self.config.tie_word_embeddings or "lm_head.weight" not in sd:
-            sd["lm_head.weight"] = sd["transformer.word_embeddings.weight"]
-        return sd
-
-    def tie_weights(self) -> None:
-        if self.config.tie_word_embeddings:
-            self.lm_head.weight = self.transformer.word_embeddings.weight
+        self.tie_weights()
 
     def layer_specs(self) -> list[LayerSpec]:
         c = self.config

@@ -160,8 +160,7 @@ class Gemma3ForCausalLM(CausalLM):
         self.rotary_global = Rotary(config.global_rope, device="cpu")
         self.model = Backbone(config, {SLIDING: self.rotary_local, FULL: self.rotary_global})
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        if config.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
+        self.tie_weights()
 
     def prepare_state_dict(self, sd):
         # The multimodal checkpoint nests the text model: model.language_model.* (or language_model.model.*).
@@ -173,13 +172,7 @@ class Gemma3ForCausalLM(CausalLM):
                     k = new + k[len(old):]
                     break
             renamed[k] = v
-        if self.config.tie_word_embeddings or "lm_head.weight" not in renamed:
-            renamed["lm_head.weight"] = renamed["model.embed_tokens.weight"]
-        return renamed
-
-    def tie_weights(self) -> None:
-        if self.config.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
+        return super().prepare_state_dict(renamed)
 
     def layer_specs(self) -> list[LayerSpec]:
         c = self.config

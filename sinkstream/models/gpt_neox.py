@@ -109,6 +109,7 @@ class Backbone(nn.Module):
           needs="config.json + safetensors; Pythia, GPT-NeoX-20B, RedPajama-INCITE, StableLM-alpha")
 class GPTNeoXForCausalLM(CausalLM):
     config_class = GPTNeoXConfig
+    embedding_module, head_module = "gpt_neox.embed_in", "embed_out"
 
     def __init__(self, config: GPTNeoXConfig):
         super().__init__()
@@ -116,19 +117,12 @@ class GPTNeoXForCausalLM(CausalLM):
         self.rotary = Rotary(config.rope, device="cpu")
         self.gpt_neox = Backbone(config, self.rotary)
         self.embed_out = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        if config.tie_word_embeddings:
-            self.embed_out.weight = self.gpt_neox.embed_in.weight
+        self.tie_weights()
 
     def prepare_state_dict(self, sd):
         if "lm_head.weight" in sd:  # transformers 5 renames embed_out -> lm_head
             sd["embed_out.weight"] = sd.pop("lm_head.weight")
-        if self.config.tie_word_embeddings or "embed_out.weight" not in sd:
-            sd["embed_out.weight"] = sd["gpt_neox.embed_in.weight"]
-        return sd
-
-    def tie_weights(self) -> None:
-        if self.config.tie_word_embeddings:
-            self.embed_out.weight = self.gpt_neox.embed_in.weight
+        return super().prepare_state_dict(sd)
 
     def layer_specs(self) -> list[LayerSpec]:
         c = self.config

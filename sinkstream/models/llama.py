@@ -132,17 +132,7 @@ class LlamaForCausalLM(CausalLM):
         self.rotary = Rotary(config.rope, device="cpu")
         self.model = self.backbone_class(config, self.rotary)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        if config.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
-
-    def prepare_state_dict(self, sd):
-        if self.config.tie_word_embeddings or "lm_head.weight" not in sd:
-            sd["lm_head.weight"] = sd["model.embed_tokens.weight"]
-        return sd
-
-    def tie_weights(self) -> None:
-        if self.config.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
+        self.tie_weights()
 
     def layer_specs(self) -> list[LayerSpec]:
         c = self.config

@@ -121,22 +121,17 @@ class Backbone(nn.Module):
 @register("mpt", family="mpt", needs="config.json + safetensors; MPT-7B/30B and variants with ALiBi")
 class MptForCausalLM(CausalLM):
     config_class = MptConfig
+    embedding_module = "transformer.wte"
+    tied = True  # MPT always ties
 
     def __init__(self, config: MptConfig):
         super().__init__()
         self.config = config
         self.transformer = Backbone(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        self.lm_head.weight = self.transformer.wte.weight  # MPT always ties
+        self.tie_weights()
         self.register_buffer("alibi_slopes", alibi_slopes(config.num_attention_heads, config.alibi_bias_max),
                              persistent=False)
-
-    def prepare_state_dict(self, sd):
-        sd["lm_head.weight"] = sd["transformer.wte.weight"]
-        return sd
-
-    def tie_weights(self) -> None:
-        self.lm_head.weight = self.transformer.wte.weight
 
     def layer_specs(self) -> list[LayerSpec]:
         c = self.config

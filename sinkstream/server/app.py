@@ -2,7 +2,8 @@
 
 `create_app(settings)` returns a FastAPI app that loads the model in a background thread (GET /health
 answers 503 until it is ready). The handlers only translate HTTP <-> `Turn`/`Event`; the work happens in
-`engine.Engine` on the one worker thread. See docs/SERVER.md for the API.
+`engine.Engine` on the one worker thread. Nothing on the event loop blocks: handlers that touch the disk
+(sessions, /metrics) run in starlette's thread pool. See docs/SERVER.md for the API.
 """
 from __future__ import annotations
 
@@ -19,13 +20,15 @@ from pathlib import Path
 from fastapi import FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.cors import CORSMiddleware
 
 from ..cache import CacheConfig
 from ..errors import SinkstreamError
 from ..sampling import SamplingConfig
 from .engine import Engine
-from .errors import ApiError
+from .errors import ApiError, validation_error
 from .metrics import Metrics
 from .responses import Reply, error_response, sse
 from .schemas import ChatCompletionRequest, CompletionRequest, Limits, SessionCreate, to_turn
@@ -170,6 +173,8 @@ KNOWN_PATHS = {"/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1
                "/v1/sessions/{id}", "/openapi.json"}
 
 
+LOOPBACK_ORIGIN = r"https?://(localhost|127\.0\.0\.1|\[::1\])(:\d+)?"
+
 SESSION_HEADER = Header(None, pattern=r"^[A-Za-z0-9_-]{1,64}$", description='session id (or "session" in the body)')
 
 
@@ -227,18 +232,11 @@ def create_app(settings: Settings, *, loader: Callable | None = None,
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request, e: RequestValidationError):
-        errs = e.errors()
-        first = errs[0] if errs else {}
-        loc = [str(p) for p in first.get("loc", ()) if p not in ("body", "header", "path", "query")]
-        msg = first.get("msg", "invalid request")
-        if first.get("type") == "json_invalid":
-            msg = "the body is not valid JSON"
-        return error_response(ApiError(400, f"{'.'.join(loc) + ': ' if loc else ''}{msg}",
-                                        param=".".join(loc) or None, code="invalid_value"))
+        return error_response(validation_error(e.errors()))
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request, e: StarletteHTTPException):
-        codes = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
+        codes = {400: "invalid_json", 404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
         return error_response(ApiError(e.status_code, str(e.detail), code=codes.get(e.status_code)))
 
     @app.exception_handler(Exception)
@@ -255,7 +253,7 @@ def create_app(settings: Settings, *, loader: Callable | None = None,
         return {"status": "ok", "model": settings.model_id}
 
     @app.get("/metrics", response_class=PlainTextResponse, summary="Prometheus metrics")
-    async def metrics():
+    def metrics():  # a thread: counting the sessions on disk is disk I/O
         return PlainTextResponse(state.metrics.render(state.gauges()),
                                  media_type="text/plain; version=0.0.4; charset=utf-8")
 
@@ -280,7 +278,8 @@ def create_app(settings: Settings, *, loader: Callable | None = None,
         engine = state.need()
         turn = to_turn(body, kind=kind, header_session=header_session, defaults=settings.sampling,
                        limits=settings.limits, model_id=settings.model_id)
-        job = engine.submit(turn, asyncio.get_running_loop())
+        # a thread: reserving a session looks at the disk, which must never stall the event loop
+        job = await run_in_threadpool(engine.submit, turn, asyncio.get_running_loop())
         events = Events(job, request)
         try:
             first = await events.next()
@@ -357,6 +356,11 @@ def create_app(settings: Settings, *, loader: Callable | None = None,
 
     app.openapi = lambda: _document(app, settings)
     app.add_middleware(Guard, state=state)
+    # Outside Guard: a browser's preflight carries no key. With a key any page may ask (the key still
+    # guards every call); without one only pages from this machine, so no website can drive the server.
+    app.add_middleware(CORSMiddleware, allow_origins=["*"] if settings.api_key else [],
+                       allow_origin_regex=None if settings.api_key else LOOPBACK_ORIGIN,
+                       allow_methods=["GET", "POST", "DELETE"], allow_headers=["*"], max_age=600)
     return app
 
 

@@ -5,6 +5,7 @@ import argparse
 import os
 import socket
 import sys
+from pathlib import Path
 
 from .. import cli_args as A
 from ..errors import SinkstreamError
@@ -14,7 +15,7 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("serve", help="OpenAI-compatible HTTP server with endless, persistent sessions",
                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (loopback only by default)")
-    p.add_argument("--port", type=int, default=8080, help="TCP port; 0 picks a free one (printed on start)")
+    p.add_argument("--port", type=A.port, default=8080, help="TCP port; 0 picks a free one (printed on start)")
     p.add_argument("--state-dir", default=None,
                    help="folder for session files; sessions survive restarts (default: a temporary folder)")
     p.add_argument("--api-key", default=os.environ.get("SINKSTREAM_API_KEY"),
@@ -31,6 +32,18 @@ def register(subparsers) -> None:
     A.add_cache_args(p)
     A.add_sampling_args(p)
     p.set_defaults(func=serve)
+
+
+def _check_state_dir(folder: Path) -> None:
+    """Make --state-dir now, so a file in the way or a read-only place is a one-line error at start."""
+    if folder.exists() and not folder.is_dir():
+        raise SinkstreamError(f"--state-dir {folder} is a file, not a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise SinkstreamError(f"--state-dir {folder}: cannot make it: {e.strerror or e}") from None
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise SinkstreamError(f"--state-dir {folder} is not writable")
 
 
 def _bind(host: str, port: int) -> socket.socket:
@@ -55,6 +68,9 @@ def serve(args) -> int:
         raise SinkstreamError(f"the server needs {e.name}: pip install 'sinkstream[server]'") from None
     from ..loading import resolve
     resolve(args.model)  # a missing model is a one-line error now, not a failed background load
+    A.check_device(args.device)
+    if args.state_dir is not None:
+        _check_state_dir(Path(args.state_dir))
     for flag in ("max_tokens", "max_prompt_tokens", "max_body_bytes", "max_queue", "max_live_sessions",
                  "max_sessions"):
         if getattr(args, flag) < 1:

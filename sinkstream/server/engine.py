@@ -16,7 +16,7 @@ from ..session import Session
 from ..tokenizer import render_chat
 from .errors import ApiError, bad_request
 from .metrics import Metrics
-from .sessions import HISTORY_START, SessionStore, chain
+from .sessions import HISTORY_START, ReplyChain, SessionStore, chain
 from .worker import Event, Job, Worker
 
 
@@ -101,11 +101,11 @@ class Engine:
         elif head:  # a system prompt before the first user message
             s.system, s.messages = head[0]["content"], s.messages + head
         self._use_sampling(s, turn)
-        final = self._pump(job, s.chat(user["content"], max_tokens=turn.max_tokens, stop=turn.stop,
-                                       progress=job.check))
         h = s.extra["history"]
-        s.extra["history"] = {"count": h["count"] + len(new) + 1,
-                              "digest": chain(h["digest"], new + [{"role": "assistant", "content": s.last_reply}])}
+        reply = ReplyChain(chain(h["digest"], new))  # hashes the reply as it streams: it is not kept whole
+        final = self._pump(job, s.chat(user["content"], max_tokens=turn.max_tokens, stop=turn.stop,
+                                       progress=job.check), on_text=reply.add)
+        s.extra["history"] = {"count": h["count"] + len(new) + 1, "digest": reply.digest()}
         return final
 
     def _new_messages(self, s: Session, turn: Turn) -> list[dict]:
@@ -177,7 +177,7 @@ class Engine:
             new.set_state(old.get_state())
 
     # --- shared ---------------------------------------------------------------------------------------
-    def _pump(self, job: Job, stream) -> GenerationResponse:
+    def _pump(self, job: Job, stream, on_text=None) -> GenerationResponse:
         """Forward a generation to the job as events; stop (raising Cancelled) if the client leaves."""
         job.emit(Event("start"))
         final, last = None, None
@@ -191,6 +191,8 @@ class Engine:
                 last, final = now, r
                 if r.text:
                     job.emit(Event("delta", text=r.text))
+                    if on_text is not None:
+                        on_text(r.text)
                 if r.finish_reason is None:
                     job.check()
         finally:

@@ -69,7 +69,8 @@ class Sampling(Body):
     top_p: float | None = Field(None, gt=0, le=1)
     top_k: int | None = Field(None, ge=0, le=1_000_000, description="extension")
     min_p: float | None = Field(None, ge=0, lt=1, description="extension")
-    repetition_penalty: float | None = Field(None, gt=0, le=10, description="extension")
+    # above 0.01: a tinier divisor turns the logits of recent tokens into inf, and sampling into NaN
+    repetition_penalty: float | None = Field(None, ge=0.01, le=10, description="extension")
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     seed: int | None = Field(None, ge=-(2**63), lt=2**63)
@@ -79,6 +80,7 @@ class Sampling(Body):
     stream: bool = False
     stream_options: StreamOptions | None = None
     logprobs: Literal[False, 0] | None = Field(None, description="not supported")
+    logit_bias: dict[str, float] | None = Field(None, max_length=0, description="not supported")
     user: str | None = None
     session: SessionId | None = Field(None, description="continue this server session (or X-Session-Id header)")
 

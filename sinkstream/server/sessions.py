@@ -5,7 +5,16 @@ SHA-256 over the tensors): once when it is created and after every completed tur
 is told the turn ended. So the file always holds the last completed turn. A turn that is cancelled,
 fails or dies with the process never reaches the file; undoing it is dropping the live copy, and the
 next request reloads the file. A save killed half-way leaves only a ``.<id>.safetensors.*.tmp`` file,
-which `SessionStore` ignores and removes on start.
+which `SessionStore` ignores and removes on start. With the memory cache, the session's finished blocks
+are in a log folder beside the file, ``<id>.safetensors.<hex>.kvlog``, to which a turn's save appends only
+the new blocks, fsync'd before the file is replaced (see `Session.save`); what a killed save appended past
+the file's committed length is ignored. Deleting a session removes its log; a log no file names (left by a
+kill during a session's first save) is removed on start.
+
+Threads: the store's lock guards only the in-memory tables (live sessions, their published views, busy
+ids) and is never held across disk I/O, so a slow disk stalls no other request. A live `Session` is read
+and changed only by the thread running its request; everyone else reads its *view*, a copy the owning
+thread publishes after each completed turn (`describe`, `totals`).
 
 Chat history is checked, not stored: ``extra["history"]`` holds the number of messages the session has
 seen and a hash chain over them (role + stripped text), so a client that re-sends its whole history
@@ -17,20 +26,23 @@ import hashlib
 import json
 import re
 import secrets
+import shutil
 import threading
 import time
 from collections import OrderedDict
-from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 
-from ..session import Session
+from safetensors import SafetensorError
+
+from ..cache import CacheConfig
+from ..session import Session, saved_log_folder
 from .errors import ApiError, bad_request
 
 SUFFIX = ".safetensors"
 SESSION_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # no dots or slashes: never a path outside the folder
 HISTORY_START = hashlib.sha256(b"sinkstream chat history").hexdigest()
-RECENT_MESSAGES = 64  # messages kept in memory and on disk for inspection
+RECENT_MESSAGES = Session.RECENT_MESSAGES  # messages kept in memory and on disk for inspection
 
 
 def check_id(sid: str) -> str:
@@ -52,6 +64,44 @@ def chain(digest: str, messages: list[dict]) -> str:
     return digest
 
 
+class ReplyChain:
+    """`chain(digest, [{"role": "assistant", "content": reply}])` computed from the reply's pieces as they
+    stream, so a reply of any length is hashed without being kept. Surrounding whitespace is dropped as
+    `chain` does: leading whitespace is skipped, trailing whitespace is held back until more text follows."""
+
+    def __init__(self, digest: str, role: str = "assistant"):
+        self.base = digest
+        head = json.dumps([role, ""], ensure_ascii=False)  # '["assistant", ""]': content goes before '"]'
+        self.tail = head[head.rindex('"'):]
+        self.h = hashlib.sha256((digest + head[:head.rindex('"')]).encode("utf-8"))
+        self.started = False
+        self.held = ""  # whitespace that ends the text so far
+
+    def add(self, piece: str) -> None:
+        if not self.started:
+            piece = piece.lstrip()
+            if not piece:
+                return
+            self.started = True
+        body = piece.rstrip()
+        if body:
+            self.h.update(json.dumps(self.held + body, ensure_ascii=False)[1:-1].encode("utf-8"))
+            self.held = piece[len(body):]
+        else:
+            self.held += piece
+
+    def digest(self) -> str:
+        h = self.h.copy()
+        h.update(self.tail.encode("utf-8"))
+        return h.hexdigest()
+
+
+def damaged(sid: str, path: Path, e: Exception) -> ApiError:
+    why = str(e).replace(str(path), path.name)  # clients need not learn where the state folder is
+    return ApiError(422, f"session {sid!r} cannot be restored, its file is damaged ({why}); delete it to reuse "
+                         f"the id", param="session", code="session_damaged")
+
+
 def fresh_extra(model_id: str, created: int | None = None) -> dict:
     return {"model": model_id, "created": created or int(time.time()), "kind": None,
             "history": {"count": 0, "digest": HISTORY_START}}
@@ -68,10 +118,15 @@ class SessionStore:
         self.cache_config, self.sampling = cache_config, sampling
         self.max_live, self.max_sessions = max(1, max_live), max_sessions
         self.live: OrderedDict[str, Session] = OrderedDict()
+        self.views: dict[str, dict] = {}   # sid -> what `describe` shows of a live session (see `_view`)
         self.busy: set[str] = set()
-        self.lock = threading.RLock()
+        self.lock = threading.RLock()      # the tables above; never held across disk I/O
+        self.creating = threading.Lock()   # one create at a time (id and limit checks + the first save)
         for tmp in self.folder.glob(f".*{SUFFIX}.*.tmp"):  # saves cut short by a crash
             tmp.unlink(missing_ok=True)
+        for log in self.folder.glob(f"*{SUFFIX}.*.kvlog"):  # block logs no session file names
+            if saved_log_folder(log.parent / log.name[:log.name.index(SUFFIX) + len(SUFFIX)]) != log:
+                shutil.rmtree(log, ignore_errors=True)
 
     # --- names ----------------------------------------------------------------------------------------
     def path(self, sid: str) -> Path:
@@ -92,22 +147,29 @@ class SessionStore:
 
     # --- lifecycle ------------------------------------------------------------------------------------
     def create(self, sid: str | None = None, *, system: str | None = None) -> Session:
-        with self.lock:
-            sid = check_id(sid) if sid is not None else new_id()
-            if self.exists(sid):
-                raise ApiError(409, f"session {sid!r} already exists", param="id", code="session_exists")
-            if self.count_on_disk() >= self.max_sessions:
-                raise ApiError(429, f"the server holds its limit of {self.max_sessions} sessions; delete some",
-                               code="too_many_sessions")
-            s = Session(self.model, self.tokenizer, self.cache_config, self.sampling)
-            s.extra = fresh_extra(self.model_id)
-            s.extra["id"] = sid
-            if system is not None:
-                s.system = system
-                s.messages = [{"role": "system", "content": system}]
-                s.extra["history"] = {"count": 1, "digest": chain(HISTORY_START, s.messages)}
-            self._save(sid, s)
-            self._keep(sid, s)
+        sid = check_id(sid) if sid is not None else new_id()
+        with self.creating:
+            with self.lock:
+                if sid in self.busy:
+                    raise ApiError(409, f"session {sid!r} already exists", param="id", code="session_exists")
+                self.busy.add(sid)  # nobody uses or deletes it before its file is there
+            try:
+                if self.exists(sid):
+                    raise ApiError(409, f"session {sid!r} already exists", param="id", code="session_exists")
+                if self.count_on_disk() >= self.max_sessions:
+                    raise ApiError(429, f"the server holds its limit of {self.max_sessions} sessions; delete some",
+                                   code="too_many_sessions")
+                s = Session(self.model, self.tokenizer, self.cache_config, self.sampling)
+                s.extra = fresh_extra(self.model_id)
+                s.extra["id"] = sid
+                if system is not None:
+                    s.system = system
+                    s.messages = [{"role": "system", "content": system}]
+                    s.extra["history"] = {"count": 1, "digest": chain(HISTORY_START, s.messages)}
+                self._save(sid, s)
+                self._keep(sid, s)
+            finally:
+                self.release(sid)
             return s
 
     def get(self, sid: str) -> Session:
@@ -125,50 +187,48 @@ class SessionStore:
             raise ApiError(404, f"session {sid!r} not found", param="session", code="session_not_found")
         try:
             s = Session.load(path, self.model, self.tokenizer)
-        except (ValueError, KeyError, RuntimeError) as e:
-            raise ApiError(500, f"session {sid!r} cannot be restored: {e}", code="session_damaged") from None
+        except Exception as e:  # noqa: BLE001 - whatever a damaged file makes the loader raise
+            raise damaged(sid, path, e) from None
         if s.extra.get("model") != self.model_id:
             raise ApiError(409, f"session {sid!r} was made with model {s.extra.get('model')!r}, "
                                 f"this server runs {self.model_id!r}", code="session_model_mismatch")
-        with self.lock:
-            self._keep(sid, s)
+        self._keep(sid, s)
         return s
 
     def commit(self, sid: str, s: Session) -> None:
         """Persist a completed turn (before the client hears that it completed)."""
         s.messages = s.messages[-RECENT_MESSAGES:]
         self._save(sid, s)
-        with self.lock:
-            self._keep(sid, s)
+        self._keep(sid, s)
 
     def rollback(self, sid: str) -> None:
         """Forget the live copy; the next `get` reloads the last completed turn from disk."""
         with self.lock:
             self.live.pop(sid, None)
+            self.views.pop(sid, None)
 
     def delete(self, sid: str) -> None:
+        path = self.path(sid)
         with self.lock:
-            path = self.path(sid)
             if sid in self.busy:
                 raise ApiError(429, f"session {sid!r} is answering a request; try again", code="session_busy")
+            self.busy.add(sid)  # held while the file goes (outside the lock)
+        try:
             if not path.exists():
                 raise ApiError(404, f"session {sid!r} not found", param="session_id", code="session_not_found")
-            self.live.pop(sid, None)
+            with self.lock:
+                self.live.pop(sid, None)
+                self.views.pop(sid, None)
             path.unlink()
-
-    @contextmanager
-    def reserve(self, sid: str):
-        """Hold the session for one request; a second concurrent request for it gets 429."""
-        self.acquire(sid)
-        try:
-            yield
+            for log in self.folder.glob(f"{sid}{SUFFIX}.*.kvlog"):  # its block log (memory cache)
+                shutil.rmtree(log, ignore_errors=True)
         finally:
             self.release(sid)
 
     def acquire(self, sid: str) -> None:
+        if not self.exists(sid):  # outside the lock, as all disk I/O; a delete meanwhile makes `get` say 404
+            raise ApiError(404, f"session {sid!r} not found", param="session", code="session_not_found")
         with self.lock:
-            if not self.exists(sid):
-                raise ApiError(404, f"session {sid!r} not found", param="session", code="session_not_found")
             if sid in self.busy:
                 raise ApiError(429, f"session {sid!r} is answering another request", code="session_busy")
             self.busy.add(sid)
@@ -179,24 +239,29 @@ class SessionStore:
 
     # --- inspection -----------------------------------------------------------------------------------
     def describe(self, sid: str, *, messages: bool = False) -> dict:
-        """What a client may see of a session, from memory or from the file's header (no tensors read)."""
+        """What a client may see of a session, as of its last completed turn: the view published by the
+        thread that ran it, or the file's header (no tensors read). Any thread; never touches a live Session."""
         with self.lock:
-            s = self.live.get(sid)
-            if s is not None:
-                meta = {"extra": s.extra, "turns": s.turns, "messages": s.messages}
-                stats = asdict(s.stats())
-            else:
-                meta = self._header(sid)
-                stats = meta["extra"].get("stats", {})
-        extra = meta["extra"]
+            view = self.views.get(sid)
+        in_memory = view is not None
+        if view is None:
+            view = self._header(sid)
+        extra, stats = view["extra"], view["stats"]
         out = {"id": sid, "object": "session", "created": extra.get("created"), "model": extra.get("model"),
-               "kind": extra.get("kind"), "in_memory": s is not None, "turns": meta["turns"],
-               "messages_seen": extra["history"]["count"], "tokens_seen": stats.get("tokens_seen", 0),
+               "kind": extra.get("kind"), "in_memory": in_memory, "turns": view["turns"],
+               "messages_seen": extra.get("history", {}).get("count", 0), "tokens_seen": stats.get("tokens_seen", 0),
                "tokens_cached": stats.get("tokens_cached", 0), "cache_capacity": stats.get("capacity"),
-               "cache_bytes": stats.get("cache_bytes", 0), "cache": self.cache_config.describe()}
+               "cache_bytes": stats.get("cache_bytes", 0), "cache": view["cache"]}
         if messages:
-            out["recent_messages"] = meta["messages"][-RECENT_MESSAGES:]
+            out["recent_messages"] = view["messages"][-RECENT_MESSAGES:]
         return out
+
+    @staticmethod
+    def _view(s: Session) -> dict:
+        """A copy of what `describe` shows of `s`; made by the thread that owns `s`, read by any."""
+        return {"extra": json.loads(json.dumps(s.extra)), "turns": s.turns,
+                "messages": [dict(m) for m in s.messages[-RECENT_MESSAGES:]], "stats": asdict(s.stats()),
+                "cache": s.cache_config.describe()}
 
     def _header(self, sid: str) -> dict:
         from safetensors import safe_open
@@ -206,30 +271,40 @@ class SessionStore:
         try:
             with safe_open(str(path), framework="pt") as f:
                 meta = json.loads((f.metadata() or {})["sinkstream"])
-            meta.setdefault("extra", fresh_extra("?"))
-            return meta
+            extra = meta.get("extra") or fresh_extra("?")
+            return {"extra": extra, "turns": meta["turns"], "messages": meta["messages"],
+                    "stats": extra.get("stats", {}), "cache": CacheConfig(**meta["cache"]).describe()}
         except Exception as e:  # noqa: BLE001 - any unreadable header is a damaged file
-            raise ApiError(500, f"session {sid!r} is damaged: {e}", code="session_damaged") from None
+            raise damaged(sid, path, e) from None
 
     def totals(self) -> dict:
         """Cache fill over the live sessions, for /metrics."""
         with self.lock:
-            stats = [s.stats() for s in self.live.values()]
-        return {"cached": sum(st.tokens_cached for st in stats),
-                "capacity": sum(st.capacity or 0 for st in stats),
-                "bytes": sum(st.cache_bytes for st in stats)}
+            stats = [v["stats"] for v in self.views.values()]
+        return {"cached": sum(st["tokens_cached"] for st in stats),
+                "capacity": sum(st["capacity"] or 0 for st in stats),
+                "bytes": sum(st["cache_bytes"] for st in stats)}
 
     # --- internals ------------------------------------------------------------------------------------
     def _save(self, sid: str, s: Session) -> None:
         s.extra["stats"] = asdict(s.stats())
-        s.save(self.path(sid))
+        try:
+            s.save(self.path(sid))
+        except (OSError, SafetensorError) as e:  # a full or read-only disk (safetensors has its own error)
+            raise ApiError(507, f"cannot save session {sid!r}: {getattr(e, 'strerror', None) or e}; this turn "
+                                f"is not kept, the session stays at its last saved turn",
+                           code="session_save_failed") from None
 
     def _keep(self, sid: str, s: Session) -> None:
-        """Put `s` at the young end of the LRU and drop the oldest idle sessions beyond max_live."""
-        self.live[sid] = s
-        self.live.move_to_end(sid)
-        for old in list(self.live):
-            if len(self.live) <= self.max_live:
-                break
-            if old not in self.busy and old != sid:
-                del self.live[old]  # already on disk: every completed turn was saved
+        """Publish `s` (called by the thread that owns it) at the young end of the LRU and drop the oldest
+        idle sessions beyond max_live."""
+        view = self._view(s)
+        with self.lock:
+            self.live[sid], self.views[sid] = s, view
+            self.live.move_to_end(sid)
+            for old in list(self.live):
+                if len(self.live) <= self.max_live:
+                    break
+                if old not in self.busy and old != sid:
+                    del self.live[old]  # already on disk: every completed turn was saved
+                    self.views.pop(old, None)

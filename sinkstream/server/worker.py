@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from ..errors import SinkstreamError
+from ..errors import ContextOverflowError, EmptyInputError, SinkstreamError
 from .errors import ApiError
 
 log = logging.getLogger("sinkstream.server")
@@ -109,8 +109,12 @@ class Worker:
                 last = Event("error", error=ApiError(499, "client closed the request", code="cancelled"))
             except ApiError as e:
                 last = Event("error", error=e)
-            except SinkstreamError as e:  # e.g. a dense cache that is full
+            except EmptyInputError as e:
+                last = Event("error", error=ApiError(400, str(e), code="empty_input"))
+            except ContextOverflowError as e:  # a dense cache that is full
                 last = Event("error", error=ApiError(400, str(e), code="context_length_exceeded"))
+            except SinkstreamError as e:
+                last = Event("error", error=ApiError(400, str(e), code="invalid_request"))
             except Exception as e:  # noqa: BLE001 - one bad request must not stop the worker
                 log.exception("generation failed")
                 last = Event("error", error=ApiError(500, f"generation failed: {type(e).__name__}: {e}",
