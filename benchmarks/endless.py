@@ -96,9 +96,9 @@ def cache_config(args):
     return CacheConfig("sink", sinks=args.sinks, window=args.window)
 
 
-def sampling():
+def sampling(args):
     from sinkstream import SamplingConfig
-    return SamplingConfig(temperature=0.8, top_p=0.95, seed=0)
+    return SamplingConfig(temperature=args.temp, top_k=40, seed=0)
 
 
 def drive_generate(args) -> None:
@@ -107,7 +107,7 @@ def drive_generate(args) -> None:
     cache = model.make_cache(cache_config(args))
     tenths = Tenths(args.tokens, os.getpid(), "generate")
     stream = sinkstream.stream_generate(model, tok, "Once upon a time", cache=cache, max_tokens=-1,
-                                        sampling=sampling(), stop_ids=set())
+                                        sampling=sampling(args), stop_ids=set())
     for r in stream:
         if tenths.update(cache.seen):
             break
@@ -118,7 +118,7 @@ def drive_generate(args) -> None:
 def drive_chat(args) -> None:
     from sinkstream import Session
     model, tok = load(args)
-    s = Session(model, tok, cache_config(args), sampling())
+    s = Session(model, tok, cache_config(args), sampling(args))
     tenths = Tenths(args.tokens, os.getpid(), "chat")
     for msg in user_messages(args.turn_chars):
         for _ in s.chat(msg, max_tokens=args.reply):
@@ -142,7 +142,7 @@ def drive_server(args) -> None:
                 turns = 0
                 for msg in user_messages(args.turn_chars):
                     body = {"messages": [{"role": "user", "content": msg}], "max_tokens": args.reply,
-                            "temperature": 0.8, "top_p": 0.95, "session": sid, "append": True}
+                            "temperature": args.temp, "top_k": 40, "seed": 0, "session": sid, "append": True}
                     r = http.post("/v1/chat/completions", json=body)
                     if r.status_code != 200:
                         raise SystemExit(f"[server] turn {turns + 1}: HTTP {r.status_code} {r.text[:300]}")
@@ -175,6 +175,7 @@ def main() -> None:
     p.add_argument("--window", type=int, default=1020)
     p.add_argument("--turn-chars", type=int, default=800, help="characters of each user message (chat, server)")
     p.add_argument("--reply", type=int, default=64, help="max tokens of each reply (chat, server)")
+    p.add_argument("--temp", type=float, default=0.8, help="sampling temperature (top-k 40); 0 = greedy")
     p.add_argument("--driver", help=argparse.SUPPRESS)        # run one driver in this process
     p.add_argument("--model-path", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -187,7 +188,8 @@ def main() -> None:
         p.error(f"unknown driver(s) {', '.join(bad)}; choose from {', '.join(DRIVERS)}")
     load_avg = os.getloadavg()
     print(f"endless: model {args.model}, quant {args.quant}, sink({args.sinks},{args.window}), {args.tokens:,d} "
-          f"tokens per driver, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}, "
+          f"tokens per driver, temperature {args.temp} top-k 40, "
+          f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}, "
           f"{os.cpu_count()} CPUs, load average before {load_avg[0]:.2f}", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         if args.model == "tiny":
@@ -199,7 +201,7 @@ def main() -> None:
         for d in drivers:
             cmd = [sys.executable, __file__, "--driver", d, "--tokens", str(args.tokens), "--quant", args.quant,
                    "--sinks", str(args.sinks), "--window", str(args.window), "--turn-chars", str(args.turn_chars),
-                   "--reply", str(args.reply)] + (["--model-path", path] if path else [])
+                   "--reply", str(args.reply), "--temp", str(args.temp)] + (["--model-path", path] if path else [])
             rc = subprocess.call(cmd)
             if rc:
                 raise SystemExit(f"driver {d} failed with exit code {rc}")

@@ -90,10 +90,10 @@ def fraction(text: str) -> float:
 
 
 def penalty(text: str) -> float:
-    """A repetition penalty: 0.01 or more (a tinier divisor turns logits into inf, and sampling into NaN)."""
+    """A repetition penalty in [0.01, 100] (beyond, logits overflow to inf and sampling to NaN)."""
     value = finite_float(text)
-    if value < 0.01:
-        raise argparse.ArgumentTypeError(f"must be at least 0.01, got {text!r}")
+    if not 0.01 <= value <= 100:
+        raise argparse.ArgumentTypeError(f"must be between 0.01 and 100, got {text!r}")
     return value
 
 

@@ -75,6 +75,7 @@ CLI_CASES = [
     (["generate", "hi", "--temp", "nan", "--model", TINY], "--temp"),
     (["generate", "hi", "--top-p", "inf"], "--top-p"),
     (["generate", "hi", "--temp", "1", "--repetition-penalty", "1e-320", "--model", TINY], "--repetition-penalty"),
+    (["generate", "hi", "--repetition-penalty", "1000", "--model", TINY], "--repetition-penalty"),
     (["generate", "hi", "--seed", "1" + "0" * 25, "--model", TINY], "--seed"),
     (["generate", "hi", "--device", "tpu", "--model", TINY], "--device"),
     pytest.param(["generate", "hi", "--device", "cuda", "--model", TINY], "--device",

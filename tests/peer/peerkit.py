@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 import httpx
+import pytest
 
 from serverkit import Server, tiny_chat_model
 
@@ -44,6 +45,23 @@ def stop(server: Server) -> None:
     if server.proc.poll() is None:
         server.proc.kill()
         server.proc.wait(timeout=30)
+
+
+def server_fixture(*flags: str):
+    """A module-scoped `server` fixture: one server started with `flags` for all of a module's tests."""
+    @pytest.fixture(scope="module")
+    def server(tmp_path_factory):
+        srv = start(tmp_path_factory, *flags)
+        yield srv
+        stop(srv)
+    return server
+
+
+@pytest.fixture(scope="module")
+def http(server):
+    """A client of the module's server (import it next to the module's `server`)."""
+    with httpx.Client(base_url=server.url, timeout=60) as c:
+        yield c
 
 
 def user(text) -> dict:

@@ -5,29 +5,19 @@ equalities any OpenAI-compatible server owes its clients.
 """
 import time
 
-import httpx
 import pytest
 
 openai = pytest.importorskip("openai")
 pytest.importorskip("fastapi")
 
-from peerkit import LONG_TEXT, MODEL, events, openai_error, post_ok, start, stop, stream_text, user  # noqa: E402
+from peerkit import (  # noqa: E402
+    LONG_TEXT, MODEL, events, http, openai_error, post_ok, server_fixture, stream_text, user)
 
 CHAT = "/v1/chat/completions"
 BOOK = [{"role": "system", "content": "Book"}, user("What is the best book")]
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    srv = start(tmp_path_factory, "--max-prompt-tokens", "8000")
-    yield srv
-    stop(srv)
-
-
-@pytest.fixture(scope="module")
-def http(server):
-    with httpx.Client(base_url=server.url, timeout=60) as c:
-        yield c
+server = server_fixture("--max-prompt-tokens", "8000")
 
 
 def check_usage(usage: dict, max_tokens: int, finish_reason: str) -> None:

@@ -13,24 +13,14 @@ import pytest
 openai = pytest.importorskip("openai")
 pytest.importorskip("fastapi")
 
-from peerkit import MODEL, events, metric, openai_error, post_ok, start, stop, stream_text  # noqa: E402
+from peerkit import MODEL, events, http, metric, openai_error, post_ok, server_fixture, start, stream_text  # noqa: E402
 
 COMPLETIONS = "/v1/completions"
 PROMPT = "I believe the meaning of life is"
 MAX_TOKENS = 5000
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    srv = start(tmp_path_factory, "--max-tokens", str(MAX_TOKENS), "--max-queue", "4")
-    yield srv
-    stop(srv)
-
-
-@pytest.fixture(scope="module")
-def http(server):
-    with httpx.Client(base_url=server.url, timeout=60) as c:
-        yield c
+server = server_fixture("--max-tokens", str(MAX_TOKENS), "--max-queue", "4")
 
 
 @pytest.mark.parametrize("prompt,max_tokens", [(PROMPT, 8), ([PROMPT], 8),

@@ -6,30 +6,19 @@ and generation stops when the context is full unless it may shift. We differ on 
 difference is the point of this project: the sink cache reads a prompt of any length in full, generates
 for as long as asked, and holds the same memory the whole time.
 """
-import httpx
 import pytest
 
 pytest.importorskip("openai")
 pytest.importorskip("fastapi")
 
-from peerkit import LONG_TEXT, events, model_folder, post_ok, start, stop, stream_text, user  # noqa: E402
+from peerkit import LONG_TEXT, events, http, model_folder, post_ok, server_fixture, stream_text, user  # noqa: E402
 
 COMPLETIONS = "/v1/completions"
 CAPACITY = 64  # --sinks 4 --window 60
 LONG = "\n".join([LONG_TEXT] * 3)
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    srv = start(tmp_path_factory)
-    yield srv
-    stop(srv)
-
-
-@pytest.fixture(scope="module")
-def http(server):
-    with httpx.Client(base_url=server.url, timeout=60) as c:
-        yield c
+server = server_fixture()
 
 
 @pytest.fixture(scope="module")

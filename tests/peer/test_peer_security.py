@@ -6,16 +6,12 @@ import pytest
 openai = pytest.importorskip("openai")
 pytest.importorskip("fastapi")
 
-from peerkit import KEY, MODEL, openai_error, post_ok, start, stop, user  # noqa: E402
+from peerkit import KEY, MODEL, openai_error, post_ok, server_fixture, user  # noqa: E402
 
 ORIGIN = "https://web.mydomain.fr"
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    srv = start(tmp_path_factory, "--api-key", KEY)
-    yield srv
-    stop(srv)
+server = server_fixture("--api-key", KEY)
 
 
 @pytest.mark.parametrize("endpoint", ["/health", "/metrics"])

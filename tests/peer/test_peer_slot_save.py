@@ -16,23 +16,13 @@ import pytest
 pytest.importorskip("openai")
 pytest.importorskip("fastapi")
 
-from peerkit import LONG_TEXT, get_ok, openai_error, post_ok, start, stop, user  # noqa: E402
+from peerkit import LONG_TEXT, get_ok, http, openai_error, post_ok, server_fixture, user  # noqa: E402
 
 CHAT = "/v1/chat/completions"
 FRANCE, GERMANY, ITALY = "What is the capital of France?", "What is the capital of Germany?", "And of Italy?"
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    srv = start(tmp_path_factory, "--max-live-sessions", "1")
-    yield srv
-    stop(srv)
-
-
-@pytest.fixture(scope="module")
-def http(server):
-    with httpx.Client(base_url=server.url, timeout=60) as c:
-        yield c
+server = server_fixture("--max-live-sessions", "1")
 
 
 def new_session(http, sid: str) -> str:
