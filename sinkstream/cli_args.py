@@ -81,20 +81,21 @@ def finite_float(text: str) -> float:
     return value
 
 
+def _float_between(text: str, low: float, high: float) -> float:
+    value = finite_float(text)
+    if not low <= value <= high:
+        raise argparse.ArgumentTypeError(f"must be between {low:g} and {high:g}, got {text!r}")
+    return value
+
+
 def fraction(text: str) -> float:
     """A number in [0, 1]."""
-    value = finite_float(text)
-    if not 0 <= value <= 1:
-        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {text!r}")
-    return value
+    return _float_between(text, 0, 1)
 
 
 def penalty(text: str) -> float:
     """A repetition penalty in [0.01, 100] (beyond, logits overflow to inf and sampling to NaN)."""
-    value = finite_float(text)
-    if not 0.01 <= value <= 100:
-        raise argparse.ArgumentTypeError(f"must be between 0.01 and 100, got {text!r}")
-    return value
+    return _float_between(text, 0.01, 100)
 
 
 def port(text: str) -> int:
