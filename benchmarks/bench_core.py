@@ -24,7 +24,7 @@ import torch
 
 import sinkstream
 from sinkstream import CacheConfig
-from sinkstream.loading import convert_gguf, resolve
+from sinkstream.loading import resolve
 
 
 def rss_mib() -> float:
@@ -125,13 +125,14 @@ def hf_section(model, args, ids, x1, dev) -> None:
     sink cache of the same size, for each of --hf-ours), so all see the same machine load."""
     from transformers import AutoModelForCausalLM, DynamicCache
     src = resolve(args.model)
-    folder = convert_gguf(src) if src.is_file() else src
-    hf = AutoModelForCausalLM.from_pretrained(str(folder), dtype=model.dtype).to(dev).eval()
+    gguf = {"gguf_file": src.name} if src.is_file() else {}  # transformers' reader de-quantizes it
+    hf = AutoModelForCausalLM.from_pretrained(str(src.parent if gguf else src), dtype=model.dtype, **gguf)
+    hf = hf.to(dev).eval()
     state = DynamicCache(config=hf.config)
     hf(ids[:args.hf_context].view(1, -1), past_key_values=state, use_cache=True)
     runs = {"HF dense": (lambda: hf(x1, past_key_values=state, use_cache=True), [])}
     for quant in args.hf_ours.split(","):
-        m = model if quant == getattr(model, "quant", "none") else \
+        m = model if quant == (getattr(model, "quant", None) or "none") else \
             sinkstream.load(args.model, device=args.device, dtype=model.dtype, quant=quant, quiet=True)[0]
         ours = m.make_cache(CacheConfig("sink", args.sinks, args.window, prefill_chunk=args.chunk))
         ours.run(m, ids[:2 * (args.sinks + args.window)].view(1, -1))  # full, and past its first eviction

@@ -32,9 +32,8 @@ def tiny_model(folder: Path) -> Path:
     from safetensors.torch import save_file
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from sinkstream.loading import convert_gguf, resolve
-    from sinkstream.tokenizer import load_tokenizer
-    tok = load_tokenizer(convert_gguf(resolve(None), quiet=True))
+    from sinkstream.loading import tokenizer_for
+    tok = tokenizer_for(None)
     cfg = AutoConfig.for_model("llama", vocab_size=len(tok), hidden_size=64, intermediate_size=128,
                                num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                                max_position_embeddings=4096, tie_word_embeddings=True, eos_token_id=2)

@@ -44,4 +44,10 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Plan, *, sca
             dv = v.shape[-1]
             v = torch.cat([v, v.new_zeros(*v.shape[:-1], q.shape[-1] - dv)], dim=-1)
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)[..., :dv]
+    if gqa and mask is None and q.shape[2] == 1:
+        # one query per head (decode): the heads sharing a kv head become that head's query rows, so each
+        # cached key and value is read once per kv head, not once per query head
+        b, h, _, d = q.shape
+        o = F.scaled_dot_product_attention(q.reshape(b, k.shape[1], h // k.shape[1], d), k, v, scale=scale)
+        return o.reshape(b, h, 1, v.shape[-1])  # CUDA's kernels may return it strided
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)

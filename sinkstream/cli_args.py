@@ -16,9 +16,10 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="a .gguf file, a Hugging Face folder, or a short name (default: smollm2)")
     g.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:1, mps")
     g.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16")
-    g.add_argument("--quant", default="none", choices=["none", "int8", "int4"],
-                   help="weight-only quantization of the linear layers: int4 (groups of 32, output layer "
-                        "int8) decodes about 2x faster on a CPU; none keeps --dtype (default)")
+    g.add_argument("--quant", default="auto", choices=["auto", "none", "int8", "int4"],
+                   help="weights: auto (default) runs a GGUF on its own quantization and a Hugging Face "
+                        "folder in --dtype; none de-quantizes to --dtype; int4 (groups of 32, output layer "
+                        "int8) or int8 quantize the linear layers, about 2x faster decoding on a CPU")
 
 
 def add_cache_args(p: argparse.ArgumentParser, *, default_policy: str = "sink", extra_policies=()) -> None:
@@ -181,7 +182,7 @@ def load_model(args):
     check_device(args.device)
     if getattr(args, "seed", None) is not None:
         torch.manual_seed(args.seed)
-    return load(args.model, dtype=args.dtype, device=args.device, quant=getattr(args, "quant", None))
+    return load(args.model, dtype=args.dtype, device=args.device, quant=getattr(args, "quant", "auto"))
 
 
 class Progress:

@@ -1,26 +1,27 @@
-"""Weight-only quantization of the linear layers, for decoding speed and RAM (``load(..., quant="int4")``).
+"""Quantized weights for the linear layers and embeddings: the runtime format and its layers.
 
 Decoding one token reads every weight once, so on a CPU its time is the weight bytes over the memory
-bandwidth. A GGUF such as the default SmolLM2 Q4_1 file holds 4-bit weights; de-quantized to float32 they
-are 8x the bytes. ``quant`` puts them back into few bits:
+bandwidth. A `QuantWeight` holds a matrix [N, K] in few bits, in one of two forms:
 
-* ``int4``: groups of ``group`` (32) input columns share a scale and a zero point; ``w = (q - 8) * scale +
-  zero`` with q in 0..15 and bfloat16 scale and zero. A Q4_1/Q4_K source is itself 4-bit with per-32
-  scale and minimum, so re-quantizing its de-quantized weights finds the same q (the scale and zero are
-  rounded to bfloat16).
-* ``int8``: one symmetric scale per output row, ``w = q * scale``.
+* ``int4``: groups of ``group`` (32) input columns share a scale and a zero point: ``w = (q - 8) * scale +
+  zero`` with q in 0..15 and float32 scale and zero (zero is the value of q = 8). GGUF's Q4_0 (``d * (q -
+  8)``), Q4_1 (``d * q + m``) and Q4_K (``d * sc * q - dmin * m`` per 32) are this form exactly, so a GGUF's
+  4-bit tensors load bit-exactly (sinkstream.gguf).
+* ``int8``: ``w = q * scale``, one scale per output row or per group of 32 columns (GGUF's Q8_0 is the
+  latter exactly).
 
-With ``int4`` the output projection (the linear layer that produces the vocabulary logits) gets ``int8``,
-as llama.cpp keeps the output layer at higher precision: GGUF files store it at 6-8 bits (SmolLM2's tied
-embedding is Q8_0), and 4 bits there cost SmolLM2 8% perplexity where int8 costs 0.3%.
+Both come from a GGUF as they are, or from float weights with ``QuantWeight.quantize`` (``load(...,
+quant="int4")``). Under ``int4`` the output projection gets ``int8``: GGUF files store it at 6-8 bits, and 4
+bits there cost SmolLM2 8% perplexity where int8 costs 0.3%.
 
-Activations enter the kernels in bfloat16 and the result returns in the model's dtype; norms, attention,
-residuals and the cache keep the model's dtype. On the CPU the fused kernels
-(``_weight_int4pack_mm_for_cpu``, ``_weight_int8pack_mm``) read the packed weights directly. Other
-devices hold the de-quantized weights in the model's dtype and use a plain matmul: the same numbers,
-without the speed or memory gain. Layers whose input width is not a multiple of ``group`` stay as they are.
+On the CPU, `QuantLinear` runs the fused kernels (``_weight_int4pack_mm_for_cpu``,
+``_weight_int8pack_mm``) on the packed weights with activations in the model's dtype. Other devices hold the
+de-quantized weights in the model's dtype and use a plain matmul: the same numbers, without the speed or
+memory gain. `QuantEmbedding` keeps an embedding table quantized and de-quantizes only the rows it looks up.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -29,70 +30,223 @@ from torch import nn
 from .errors import SinkstreamError
 
 QUANT_TYPES = ("none", "int8", "int4")
-KERNEL_DTYPE = torch.bfloat16
+KERNEL_DTYPE = torch.bfloat16  # the activations that torch's packed kernels take
 
 
-def _int4_params(w: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """q [N, K] int32 in 0..15, scale and zero [N, K/group] in bfloat16, for w [N, K]."""
-    n, k = w.shape
-    g = w.float().reshape(n, k // group, group)
-    lo, hi = g.amin(-1), g.amax(-1)
-    scale = ((hi - lo) / 15).clamp_min(1e-12).to(KERNEL_DTYPE)
-    zero = (lo + 8 * scale.float()).to(KERNEL_DTYPE)  # the value of q = 8
-    q = torch.round((g - zero.float()[..., None]) / scale.float()[..., None] + 8).clamp_(0, 15)
-    return q.to(torch.int32).reshape(n, k), scale, zero
+@dataclass
+class QuantWeight:
+    """A weight matrix [N, K] in the runtime's quantized form (see the module docstring)."""
+    kind: str                   # "int4" | "int8"
+    q: torch.Tensor             # [N, K]: uint8 in 0..15 (int4) or int8 (int8)
+    scale: torch.Tensor         # float32 [N, K // group]
+    zero: torch.Tensor | None   # int4: float32 [N, K // group], the value of q = 8; int8: None
+    group: int                  # int4: 32 or more; int8: 32 or K (one scale per row)
+
+    def __post_init__(self):
+        n, k = self.q.shape
+        if self.kind not in ("int4", "int8"):
+            raise SinkstreamError(f"unknown quantized weight kind {self.kind!r}")
+        if k % self.group or self.scale.shape != (n, k // self.group):
+            raise SinkstreamError(f"quantized weight [{n}, {k}]: scales {tuple(self.scale.shape)} do not "
+                                  f"match groups of {self.group}")
+        if self.kind == "int8" and self.group not in (32, k):
+            raise SinkstreamError("int8 weights have one scale per row or per 32 columns")
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.q.shape)
+
+    @property
+    def nbytes(self) -> int:
+        bits = 4 if self.kind == "int4" else 8
+        extra = self.scale.nbytes + (0 if self.zero is None else self.zero.nbytes)
+        return self.q.numel() * bits // 8 + extra
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        n, k = self.shape
+        g = self.q.view(n, k // self.group, self.group).float()
+        if self.kind == "int8":
+            return (g * self.scale[..., None]).view(n, k).to(dtype)
+        g = (g - 8) * self.scale[..., None]
+        return (g + self.zero[..., None]).view(n, k).to(dtype)
+
+    def rows(self, index: torch.Tensor | slice) -> "QuantWeight":
+        """The weight of the selected output rows (a permutation, a split of a fused projection)."""
+        return QuantWeight(self.kind, self.q[index], self.scale[index],
+                           None if self.zero is None else self.zero[index], self.group)
+
+    @staticmethod
+    def concat(parts: list["QuantWeight"]) -> "QuantWeight":
+        """Stack the rows of several weights of one kind and group (fusing q, k and v projections)."""
+        kinds = {(p.kind, p.group, p.shape[1]) for p in parts}
+        if len(kinds) != 1:
+            raise SinkstreamError(f"cannot fuse quantized weights of different forms: {sorted(kinds)}")
+        zero = None if parts[0].zero is None else torch.cat([p.zero for p in parts])
+        return QuantWeight(parts[0].kind, torch.cat([p.q for p in parts]), torch.cat([p.scale for p in parts]),
+                           zero, parts[0].group)
+
+    @classmethod
+    def quantize(cls, w: torch.Tensor, kind: str, group: int = 32) -> "QuantWeight":
+        """Round a float matrix [N, K] to `kind` (int4: each group's min..max onto 16 levels)."""
+        w = w.detach()
+        n, k = w.shape
+        if kind == "int8":
+            scale = (w.float().abs().amax(1, keepdim=True) / 127).clamp_min(1e-12)
+            q = torch.round(w.float() / scale).clamp_(-127, 127).to(torch.int8)
+            return cls("int8", q, scale, None, k)
+        if kind != "int4":
+            raise SinkstreamError(f"unknown quantization {kind!r} (choose from {', '.join(QUANT_TYPES)})")
+        g = w.float().reshape(n, k // group, group)
+        lo, hi = g.amin(-1), g.amax(-1)
+        scale = ((hi - lo) / 15).clamp_min(1e-12)
+        zero = lo + 8 * scale
+        q = torch.round((g - zero[..., None]) / scale[..., None] + 8).clamp_(0, 15)
+        return cls("int4", q.to(torch.uint8).reshape(n, k), scale, zero, group)
 
 
-def _int8_params(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    scale = (w.float().abs().amax(1) / 127).clamp_min(1e-12).to(KERNEL_DTYPE)
-    q = torch.round(w.float() / scale.float()[:, None]).clamp_(-127, 127).to(torch.int8)
-    return q, scale
+def pack_int4_for_cpu(q: torch.Tensor) -> torch.Tensor:
+    """q uint8 [N, K] in 0..15 -> the layout of ``_convert_weight_to_int4pack_for_cpu`` ([N, K/2] uint8).
+
+    That op takes int32 input (4 bytes a weight); this builds the same bytes from uint8 for every block of
+    64 rows (byte j of column k holds row j in its low and row j + 32 in its high nibble), and leaves only a
+    tail of fewer than 64 rows to the op."""
+    n, k = q.shape
+    full = n - n % 64
+    out = torch.empty(n, k // 2, dtype=torch.uint8)
+    step = 64 * max(1, (1 << 24) // (64 * k))  # rows per chunk: bounded temporaries for big matrices
+    for a in range(0, full, step):
+        b = min(full, a + step)
+        blk = q[a:b].view((b - a) // 64, 2, 32, k)
+        out[a:b] = (blk[:, 0] | (blk[:, 1] << 4)).transpose(1, 2).reshape(b - a, k // 2)
+    if full < n:
+        out[full:] = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q[full:].to(torch.int32), 1)
+    return out
+
+
+# Passes with at least this many tokens (prefill) de-quantize a slice of rows at a time to bfloat16 and
+# use a matrix multiply (oneDNN; AMX where the CPU has it): there compute, not weight bytes, is the cost.
+MANY_TOKENS = 16
+ROWS_PER_SLICE = 4096  # bounds the bfloat16 temporary of a many-token pass
+
+
+def _backend(device: torch.device, fused: bool | None) -> str:
+    """"qmm": our int8-activation kernels (sinkstream.kernels); "torch": torch's packed CPU kernels with
+    bfloat16 activations (where ours are not built); "dequant": de-quantized weights, plain matmul."""
+    if fused is False or device.type != "cpu":
+        return "dequant"
+    from . import kernels
+    return "qmm" if kernels.available() else "torch"
 
 
 class QuantLinear(nn.Module):
-    """A drop-in for nn.Linear holding int4 or int8 weights (see the module docstring)."""
+    """A drop-in for nn.Linear holding a `QuantWeight` (see the module docstring)."""
 
-    def __init__(self, linear: nn.Linear, kind: str, group: int = 32, fused: bool | None = None):
+    def __init__(self, weight: QuantWeight, bias: torch.Tensor | None = None, *,
+                 out_dtype: torch.dtype = torch.float32, fused: bool | None = None):
         super().__init__()
-        w = linear.weight.detach()
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.kind, self.group, self.out_dtype = kind, group, w.dtype
-        self.fused = w.device.type == "cpu" if fused is None else fused  # False: de-quantized weights
-        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), requires_grad=False)
-        if kind == "int4":
-            q, scale, zero = _int4_params(w, group)
-            if self.fused:
-                self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1))
-                # the kernel wants [K/group, N, 2] = (scale, zero) per group and output row
-                self.register_buffer("scale_zero", torch.stack([scale, zero], -1).transpose(0, 1).contiguous())
+        n, k = weight.shape
+        self.in_features, self.out_features = k, n
+        self.kind, self.group, self.out_dtype = weight.kind, weight.group, out_dtype
+        self.backend = _backend(weight.q.device, fused)
+        if self.backend == "qmm" and (k % 32 or (weight.kind == "int4" and weight.group != 32)):
+            self.backend = "dequant"  # our kernels' blocks are 32 columns
+        if self.backend == "torch" and (n % 16 if weight.kind == "int4" else weight.group != k):
+            self.backend = "dequant"  # torch packs int4 rows in sixteens; its int8 kernel takes one scale a row
+        self.bias = None if bias is None else nn.Parameter(bias.detach().to(out_dtype), requires_grad=False)
+        if self.backend == "dequant":
+            self.register_buffer("weight", weight.dequantize(out_dtype))
+        elif self.backend == "qmm":
+            if weight.kind == "int4":
+                q = weight.q.view(n, k // 32, 2, 16)
+                self.register_buffer("qs", (q[:, :, 0] | (q[:, :, 1] << 4)).reshape(n, k // 2).contiguous())
+                self.register_buffer("d", weight.scale.to(torch.float16))
+                self.register_buffer("m", (weight.zero - 8 * weight.scale).to(torch.float16))
             else:
-                deq = ((q.reshape(*scale.shape, group).float() - 8) * scale.float()[..., None]
-                       + zero.float()[..., None]).reshape(w.shape)
-                self.register_buffer("weight", deq.to(w.dtype))
-        elif kind == "int8":
-            q, scale = _int8_params(w)
-            if self.fused:
-                self.register_buffer("qweight", q)
-                self.register_buffer("scale", scale)
-            else:
-                self.register_buffer("weight", (q.float() * scale.float()[:, None]).to(w.dtype))
+                self.register_buffer("qs", weight.q.contiguous())
+                self.register_buffer("d", weight.scale.expand(n, k // 32).to(torch.float16).contiguous())  # per row or 32
+        elif weight.kind == "int4":
+            self.register_buffer("packed", pack_int4_for_cpu(weight.q))
+            # the kernel wants [K/group, N, 2] = (scale, zero) per group and output row, in its input dtype
+            self.register_buffer("scale_zero", torch.stack([weight.scale, weight.zero], -1).transpose(0, 1)
+                                 .to(KERNEL_DTYPE).contiguous())
         else:
-            raise SinkstreamError(f"unknown quantization {kind!r} (choose from {', '.join(QUANT_TYPES)})")
+            self.register_buffer("qweight", weight.q)
+            self.register_buffer("scale", weight.scale.view(-1).to(KERNEL_DTYPE))
+
+    @property
+    def fused(self) -> bool:
+        return self.backend != "dequant"
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, kind: str, group: int = 32, fused: bool | None = None) -> "QuantLinear":
+        w = linear.weight.detach()
+        return cls(QuantWeight.quantize(w, kind, group), linear.bias, out_dtype=w.dtype, fused=fused)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.fused:
+        if self.backend == "dequant":
             return F.linear(x, self.weight, self.bias)
         shape = x.shape
-        x2 = x.reshape(-1, shape[-1]).to(KERNEL_DTYPE)
-        if self.kind == "int4":
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.packed, self.group, self.scale_zero)
+        x2 = x.reshape(-1, shape[-1])
+        if self.backend == "qmm":
+            y = self._qmm(x2)
+        elif self.kind == "int4":
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.to(KERNEL_DTYPE), self.packed, self.group,
+                                                           self.scale_zero)
         else:
-            y = torch.ops.aten._weight_int8pack_mm(x2, self.qweight, self.scale)
-        y = y.to(self.out_dtype).reshape(*shape[:-1], self.out_features)
+            y = torch.ops.aten._weight_int8pack_mm(x2.to(KERNEL_DTYPE), self.qweight, self.scale)
+        y = y.to(self.out_dtype).view(*shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias
 
+    def _qmm(self, x: torch.Tensor) -> torch.Tensor:
+        ops = torch.ops.sinkstream
+        if x.shape[0] < MANY_TOKENS:
+            x = x.float().contiguous()
+            return ops.q4_mm(x, self.qs, self.d, self.m) if self.kind == "int4" else ops.q8_mm(x, self.qs, self.d)
+        xb = x.to(torch.bfloat16)
+        n = self.out_features
+        y = torch.empty(x.shape[0], n, dtype=torch.float32)
+        for r0 in range(0, n, ROWS_PER_SLICE):
+            r1 = min(n, r0 + ROWS_PER_SLICE)
+            w = ops.q4_dequant(self.qs, self.d, self.m, r0, r1) if self.kind == "int4" else \
+                ops.q8_dequant(self.qs, self.d, r0, r1)
+            y[:, r0:r1] = F.linear(xb, w)
+        return y
+
     def extra_repr(self) -> str:
-        return f"{self.in_features}, {self.out_features}, {self.kind}, group={self.group}, fused={self.fused}"
+        return f"{self.in_features}, {self.out_features}, {self.kind}, group={self.group}, backend={self.backend}"
+
+
+class QuantEmbedding(nn.Module):
+    """An embedding table kept as a `QuantWeight`; a lookup de-quantizes only the rows it returns.
+    int4 codes are stored two to a byte."""
+
+    def __init__(self, weight: QuantWeight, *, out_dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = weight.shape
+        self.kind, self.group, self.out_dtype = weight.kind, weight.group, out_dtype
+        q = weight.q
+        if weight.kind == "int4":
+            q = q[:, 0::2] | (q[:, 1::2] << 4)
+        self.register_buffer("codes", q.contiguous())
+        self.register_buffer("scale", weight.scale)
+        self.register_buffer("zero", weight.zero if weight.zero is not None else torch.zeros(0))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        flat = ids.reshape(-1)
+        codes = self.codes[flat]
+        if self.kind == "int4":
+            codes = torch.stack([codes & 15, codes >> 4], -1).view(len(flat), self.embedding_dim)
+        rows = QuantWeight(self.kind, codes, self.scale[flat], self.zero[flat] if self.kind == "int4" else None,
+                           self.group)
+        return rows.dequantize(self.out_dtype).view(*ids.shape, self.embedding_dim)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, {self.kind}, group={self.group}"
+
+
+def head_kind(kind: str, out_features: int, vocab: int | None) -> str:
+    """The quantization a linear layer gets under `kind`: the output projection stays at int8 under int4."""
+    return "int8" if out_features == vocab else kind
 
 
 def quantize(model: nn.Module, kind: str | None, group: int = 32, *, fused: bool | None = None) -> int:
@@ -100,19 +254,75 @@ def quantize(model: nn.Module, kind: str | None, group: int = 32, *, fused: bool
     in full precision for the lookup (only the output projection is quantized, int8 under int4)."""
     if kind in (None, "none"):
         return 0
-    if kind not in QUANT_TYPES:
-        raise SinkstreamError(f"unknown quantization {kind!r} (choose from {', '.join(QUANT_TYPES)})")
-    if kind == "int4" and (group < 32 or group & (group - 1)):
-        raise SinkstreamError(f"int4 group size must be a power of two >= 32, not {group}")
+    check_quant(kind, group)
     vocab = getattr(getattr(model, "config", None), "vocab_size", None)
     done = 0
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if type(child) is not nn.Linear:
                 continue
-            k = "int8" if child.out_features == vocab else kind
+            k = head_kind(kind, child.out_features, vocab)
             if k == "int8" or child.in_features % group == 0:
-                setattr(parent, name, QuantLinear(child, k, group, fused=fused))
+                setattr(parent, name, QuantLinear.from_linear(child, k, group, fused=fused))
                 done += 1
+    fuse_projections(model)
     model.quant = kind
     return done
+
+
+def check_quant(kind: str, group: int = 32) -> None:
+    if kind not in QUANT_TYPES:
+        raise SinkstreamError(f"unknown quantization {kind!r} (choose from {', '.join(QUANT_TYPES)})")
+    if kind == "int4" and (group < 32 or group & (group - 1)):
+        raise SinkstreamError(f"int4 group size must be a power of two >= 32, not {group}")
+
+
+def stack_rows(parts: list[QuantLinear]) -> QuantLinear | None:
+    """One QuantLinear computing all of `parts` (one input, their outputs side by side), or None where they
+    cannot share one kernel call. Afterwards each part's buffers are row views of the stacked ones, so the
+    weights are held once and the parts still work (and save) on their own."""
+    first = parts[0]
+    same = {(p.kind, p.backend, p.in_features, p.out_dtype, p.bias is None) for p in parts}
+    if len(same) != 1 or first.backend != "qmm":
+        return None
+    fused = QuantLinear.__new__(QuantLinear)
+    nn.Module.__init__(fused)
+    fused.in_features, fused.out_features = first.in_features, sum(p.out_features for p in parts)
+    fused.kind, fused.group, fused.out_dtype, fused.backend = first.kind, first.group, first.out_dtype, "qmm"
+    fused.split_sizes = [p.out_features for p in parts]
+    fused.bias = None if first.bias is None else nn.Parameter(torch.cat([p.bias for p in parts]), requires_grad=False)
+    for name, _ in first.named_buffers(recurse=False):
+        whole = torch.cat([getattr(p, name) for p in parts])
+        fused.register_buffer(name, whole)
+        row = 0
+        for p in parts:
+            setattr(p, name, whole[row:row + p.out_features])
+            row += p.out_features
+    return fused
+
+
+FUSABLE = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+
+def fuse_projections(model: nn.Module) -> int:
+    """Give modules whose projections read one input (q/k/v; gate/up) one stacked QuantLinear for them
+    (`projections` uses it): one kernel call and one activation quantization instead of two or three.
+    Returns how many groups were fused."""
+    done = 0
+    for mod in model.modules():
+        for names in FUSABLE:
+            parts = [getattr(mod, n, None) for n in names]
+            if all(isinstance(p, QuantLinear) for p in parts):
+                fused = stack_rows(parts)
+                if fused is not None:
+                    mod.__dict__.setdefault("_fused", {})[names] = fused  # not a submodule: no second copy in state
+                    done += 1
+    return done
+
+
+def projections(mod: nn.Module, x: torch.Tensor, names: tuple[str, ...]) -> list[torch.Tensor]:
+    """`[mod.<name>(x) for name in names]`, as one matmul where `fuse_projections` stacked them."""
+    fused = mod.__dict__.get("_fused", {}).get(names)
+    if fused is None:
+        return [getattr(mod, n)(x) for n in names]
+    return list(fused(x).split(fused.split_sizes, -1))

@@ -3,7 +3,6 @@ default model's tokenizer so the CLI can load it by path."""
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import torch
@@ -28,14 +27,11 @@ def tiny_folder(path: Path, **overrides) -> Path:
     """A loadable HF-style folder: config.json, model.safetensors, and the default model's tokenizer files."""
     from safetensors.torch import save_file
 
-    from sinkstream.loading import convert_gguf, resolve
+    from sinkstream.loading import tokenizer_for
     path.mkdir(parents=True, exist_ok=True)
     model = tiny_model(**overrides)
     sd = {k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}
     save_file(sd, str(path / "model.safetensors"))
     (path / "config.json").write_text(json.dumps(tiny_config(**overrides)))
-    src = convert_gguf(resolve(None), quiet=True)
-    for f in src.iterdir():
-        if f.is_file() and f.suffix != ".safetensors" and f.name != "config.json":
-            shutil.copy(f, path / f.name)
+    tokenizer_for(None).save_pretrained(str(path))
     return path

@@ -64,7 +64,7 @@ def save_hf_folder(hf, path, tokenizer=None):
 def real():
     """The default model (SmolLM2-135M-Instruct, de-quantized GGUF), fp32 on CPU."""
     import sinkstream
-    return sinkstream.load(device="cpu", dtype="float32", quiet=True)
+    return sinkstream.load(device="cpu", dtype="float32", quant="none", quiet=True)  # float: parity tests
 
 
 @pytest.fixture(scope="session")

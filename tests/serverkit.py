@@ -20,11 +20,10 @@ def tiny_chat_model(path: Path) -> Path:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from conftest import save_hf_folder
-    from sinkstream.loading import convert_gguf, resolve
-    from sinkstream.tokenizer import load_tokenizer
+    from sinkstream.loading import tokenizer_for
     if (path / "config.json").exists():
         return path
-    tok = load_tokenizer(convert_gguf(resolve(None), quiet=True))
+    tok = tokenizer_for(None)
     cfg = AutoConfig.for_model("llama", vocab_size=len(tok), hidden_size=64, intermediate_size=128,
                                num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                                max_position_embeddings=4096, tie_word_embeddings=True, bos_token_id=1,

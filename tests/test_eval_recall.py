@@ -49,10 +49,9 @@ def test_lines(tmp_path):
 
 
 def test_streameval_asks_the_right_lines():
-    from sinkstream.loading import convert_gguf, resolve
-    from sinkstream.tokenizer import load_tokenizer
+    from sinkstream.loading import tokenizer_for
     model = tiny_model()
-    tok = load_tokenizer(convert_gguf(resolve(None), quiet=True))
+    tok = tokenizer_for(None)
     pool = recall.generated_lines(40, seed=0)
     rows, queries = recall.streameval(model, tok, [CacheConfig("sink", sinks=4, window=200)], pool,
                                       distances=[5, 25], n_lines=40, query_every=10, max_tokens=2)

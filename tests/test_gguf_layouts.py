@@ -116,11 +116,11 @@ def test_llama_gguf_with_qk_permutation(tmp_path, monkeypatch):
 def test_gemma3_gguf_layout(tmp_path, monkeypatch):
     monkeypatch.setenv("SINKSTREAM_CACHE", str(tmp_path / "cache"))
     H, KV, D, L, HID = 4, 1, 16, 6, 64
-    # What a Gemma 3 GGUF does not record takes transformers' defaults (pattern 6: five local layers, one
-    # global; local RoPE base 10000; query_pre_attn_scalar 256), so the reference uses the same.
+    # What a Gemma 3 GGUF does not record takes llama.cpp's rules (pattern 6: five local layers, one global;
+    # local RoPE base 10000; query_pre_attn_scalar = head_dim), so the reference uses the same.
     cfg = Gemma3TextConfig(vocab_size=V, hidden_size=HID, intermediate_size=96, num_hidden_layers=L,
                            num_attention_heads=H, num_key_value_heads=KV, head_dim=D, sliding_window=8,
-                           max_position_embeddings=128, query_pre_attn_scalar=256, rms_norm_eps=1e-6,
+                           max_position_embeddings=128, query_pre_attn_scalar=D, rms_norm_eps=1e-6,
                            bos_token_id=1, eos_token_id=2, pad_token_id=0)
     (tmp_path / "hf").mkdir()
     ours_st, sd = tiny_hf(cfg, tmp_path / "hf")
@@ -153,6 +153,6 @@ def test_gemma3_gguf_layout(tmp_path, monkeypatch):
     assert type(ours_gguf).__name__ == "Gemma3ForCausalLM"
     assert [s.sliding_window for s in ours_gguf.layer_specs()] == [8, 8, 8, 8, 8, None]
     compare(ours_gguf, ours_st)
-    # a second load reads the cached safetensors and gives the same model
+    # a second load (the tokenizer folder cached) gives the same model
     again, _ = sinkstream.load(str(tmp_path / "tiny-gemma3.gguf"), device="cpu", dtype="float32", quiet=True)
     compare(again, ours_st)

@@ -324,11 +324,12 @@ def test_real_gemma3_270m_matches_transformers_across_its_local_window():
     from pathlib import Path
 
     import sinkstream
-    from sinkstream.loading import convert_gguf, resolve
-    model, tok = sinkstream.load("gemma3-270m", device="cpu", dtype="float32", quiet=True)
+    from sinkstream.loading import resolve
+    model, tok = sinkstream.load("gemma3-270m", device="cpu", dtype="float32", quant="none", quiet=True)
     text = (Path(sinkstream.__file__).parent / "data" / "pride_and_prejudice_excerpt.txt").read_text()
     ids = torch.tensor([tok(text)["input_ids"][:600]])
-    hf = AutoModelForCausalLM.from_pretrained(convert_gguf(resolve("gemma3-270m")), dtype=torch.float32).eval()
+    p = resolve("gemma3-270m")
+    hf = AutoModelForCausalLM.from_pretrained(str(p.parent), gguf_file=p.name, dtype=torch.float32).eval()
     with torch.inference_mode():
         ref = hf(ids).logits[0, -100:]
         cache = model.make_cache(CacheConfig("sink", sinks=4, window=1020, prefill_chunk=128))

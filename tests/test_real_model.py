@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from sinkstream import CacheConfig
-from sinkstream.loading import convert_gguf, resolve
+from sinkstream.loading import resolve
 from sinkstream.perplexity import perplexity, stream_nll
 
 N_TOKENS = 2048
@@ -23,7 +23,8 @@ def ids(real, sample_text):
 def test_logits_match_transformers_real(real, ids):
     from transformers import AutoModelForCausalLM
     model, _ = real
-    hf = AutoModelForCausalLM.from_pretrained(str(convert_gguf(resolve(None))), dtype=torch.float32).eval()
+    p = resolve(None)
+    hf = AutoModelForCausalLM.from_pretrained(str(p.parent), gguf_file=p.name, dtype=torch.float32).eval()
     x = ids[None, :300]
     assert (hf(x).logits - model(x)).abs().max().item() <= 1e-4
 

@@ -129,8 +129,8 @@ class StreamCache:
         chunk = self.chunk_size()
         outs = []
         for i in range(0, n, chunk):
-            out = model(input_ids[:, i:i + chunk], self)
-            outs.append(out[:, -1:].clone() if logits == "last" else out)  # clone: free the chunk's logits
+            out = model(input_ids[:, i:i + chunk], self, last_only=logits == "last")
+            outs.append(out)
             if progress is not None:
                 progress(min(i + chunk, n), n)
         self.after_run()
@@ -222,7 +222,7 @@ class RecomputeCache:
         self.history = ids[:1, -(W - 1):].cpu() if W > 1 else ids[:1, :0].cpu()
         self.seen += n
         if logits == "last":
-            return model(ids[:, -W:], None)[:, -1:]
+            return model(ids[:, -W:], None, last_only=True)
         rows = []
         for i in range(n):
             end = off + i + 1

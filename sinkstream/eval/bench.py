@@ -48,7 +48,7 @@ def run(model, configs: list[CacheConfig], *, tokens: int = 100_000, points: lis
         decode_steps: int = 16, chunk: int = 512, seed: int = 0, progress=None) -> list[dict]:
     """One row per (cache, position): decode ms/token, RSS, cache bytes, prefill tokens/s on the way."""
     points = sorted(points or default_points(tokens))
-    vocab = model.lm_head.weight.shape[0] if hasattr(model, "lm_head") else 32000
+    vocab = model.config.vocab_size
     gen = torch.Generator().manual_seed(seed)
     dev = model.device
     rows = []
@@ -117,11 +117,10 @@ def summarize(rows: list[dict]) -> dict:
 def peer_rows(model_arg, *, positions: list[int], max_position: int = 8192, decode_steps: int = 16,
               seed: int = 0, progress=None) -> list[dict]:
     """HF transformers dense decoding on the same weights; llama-cpp-python on the GGUF when installed."""
-    from ..loading import convert_gguf, resolve
+    from ..loading import resolve
     src = resolve(model_arg)
-    folder = convert_gguf(src, quiet=True) if src.is_file() else src
     positions = sorted({p for p in positions if p + decode_steps + 2 < max_position})
-    rows = _hf_rows(folder, positions, decode_steps, seed)
+    rows = _hf_rows(src, positions, decode_steps, seed)
     if importlib.util.find_spec("llama_cpp") is None:
         rows.append({"cache": "peer", "label": "llama-cpp-python", "sinks": None, "window": None, "position": None,
                      "ms_per_token": None, "rss_mib": None, "cache_mib": None, "prefill_tps": None,
@@ -131,12 +130,14 @@ def peer_rows(model_arg, *, positions: list[int], max_position: int = 8192, deco
     return rows
 
 
-def _hf_rows(folder, positions, decode_steps, seed) -> list[dict]:
+def _hf_rows(src, positions, decode_steps, seed) -> list[dict]:
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
     hf_logging.set_verbosity_error()
     import inspect
-    hf = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
+    # a GGUF through transformers' own reader (de-quantized to float32), as a HF user would run it
+    gguf = {"gguf_file": src.name} if src.is_file() else {}
+    hf = AutoModelForCausalLM.from_pretrained(str(src.parent if gguf else src), dtype=torch.float32, **gguf).eval()
     # transformers renamed `past_key_values` to `cache` during 5.x; use whichever this version takes
     cache_kw = "cache" if "cache" in inspect.signature(hf.forward).parameters else "past_key_values"
     gen = torch.Generator().manual_seed(seed)

@@ -174,8 +174,9 @@ class FalconForCausalLM(CausalLM):
         c = self.config
         return [LayerSpec(c.num_kv_heads, c.head_dim, rotary=self.rotary) for _ in range(c.num_hidden_layers)]
 
-    def forward_layers(self, input_ids, kv_layers, plans):
+    def forward_layers(self, input_ids, kv_layers, plans, last_only=False):
         x = self.transformer.word_embeddings(input_ids)
         for layer, kv, plan in zip(self.transformer.h, kv_layers, plans):
             x = layer(x, kv, plan)
+        x = x[:, -1:] if last_only else x
         return self.lm_head(self.transformer.ln_f(x))

@@ -16,10 +16,11 @@ from torch import nn
 from ..attention import attend
 from ..cache import LayerSpec
 from ..errors import UnsupportedModelError
+from ..quant import projections
 from ..rope import RopeConfig, Rotary
 from . import register
 from .base import CausalLM, RMSNorm
-from .llama import ACTIVATIONS
+from .llama import ACTIVATIONS, GATE_UP, QKV
 
 SLIDING, FULL = "sliding_attention", "full_attention"
 # transformers' Gemma3TextConfig defaults, for the sparse text_config of multimodal checkpoints
@@ -106,9 +107,10 @@ class Attention(nn.Module):
     def forward(self, x, kv, plan):
         b, n, _ = x.shape
         # q: [batch, heads, n, head_dim]; k, v: [batch, kv_heads, n, head_dim]
-        q = self.q_norm(self.q_proj(x).view(b, n, self.heads, self.head_dim).transpose(1, 2))
-        k = self.k_norm(self.k_proj(x).view(b, n, self.kv_heads, self.head_dim).transpose(1, 2))
-        v = self.v_proj(x).view(b, n, self.kv_heads, self.head_dim).transpose(1, 2)
+        q, k, v = projections(self, x, QKV)
+        q = self.q_norm(q.view(b, n, self.heads, self.head_dim).transpose(1, 2))
+        k = self.k_norm(k.view(b, n, self.kv_heads, self.head_dim).transpose(1, 2))
+        v = v.view(b, n, self.kv_heads, self.head_dim).transpose(1, 2)
         k, v = kv.update(k, v, plan)
         o = attend(q, k, v, plan, scale=self.scale, rotary=self._rotary[0])
         return self.o_proj(o.transpose(1, 2).reshape(b, n, -1))
@@ -123,7 +125,8 @@ class MLP(nn.Module):
         self.act = ACTIVATIONS[c.hidden_activation]
 
     def forward(self, x):
-        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = projections(self, x, GATE_UP)
+        return self.down_proj(self.act(gate) * up)
 
 
 class Block(nn.Module):
@@ -180,12 +183,13 @@ class Gemma3ForCausalLM(CausalLM):
                           rotary=self.rotary_local if t == SLIDING else self.rotary_global)
                 for t in c.layer_types]
 
-    def forward_layers(self, input_ids, kv_layers, plans):
+    def forward_layers(self, input_ids, kv_layers, plans, last_only=False):
         x = self.model.embed_tokens(input_ids)
         # sqrt(hidden), rounded to the weights' dtype as the reference implementation does
         x = x * float(torch.tensor(self.config.hidden_size ** 0.5, dtype=x.dtype))
         for layer, kv, plan in zip(self.model.layers, kv_layers, plans):
             x = layer(x, kv, plan)
+        x = x[:, -1:] if last_only else x
         logits = self.lm_head(self.model.norm(x))
         cap = self.config.final_logit_softcapping
         return logits if cap is None else torch.tanh(logits / cap) * cap

@@ -128,8 +128,9 @@ class GPTNeoXForCausalLM(CausalLM):
         c = self.config
         return [LayerSpec(c.num_attention_heads, c.head_dim, rotary=self.rotary) for _ in range(c.num_hidden_layers)]
 
-    def forward_layers(self, input_ids, kv_layers, plans):
+    def forward_layers(self, input_ids, kv_layers, plans, last_only=False):
         x = self.gpt_neox.embed_in(input_ids)
         for layer, kv, plan in zip(self.gpt_neox.layers, kv_layers, plans):
             x = layer(x, kv, plan)
+        x = x[:, -1:] if last_only else x
         return self.embed_out(self.gpt_neox.final_layer_norm(x))

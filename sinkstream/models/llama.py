@@ -9,9 +9,12 @@ from torch import nn
 
 from ..attention import attend
 from ..cache import LayerSpec
+from ..quant import projections
 from ..rope import RopeConfig, Rotary
 from . import register
 from .base import CausalLM, RMSNorm
+
+QKV, GATE_UP = ("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj")
 
 ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu, "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
                "relu": F.relu}
@@ -72,9 +75,10 @@ class Attention(nn.Module):
     def forward(self, x, kv, plan):
         b, n, _ = x.shape
         # q: [batch, heads, n, head_dim]; k, v: [batch, kv_heads, n, head_dim]
-        q = self.q_proj(x).view(b, n, self.heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(b, n, self.kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(b, n, self.kv_heads, self.head_dim).transpose(1, 2)
+        q, k, v = projections(self, x, QKV)
+        q = q.view(b, n, self.heads, self.head_dim).transpose(1, 2)
+        k = k.view(b, n, self.kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(b, n, self.kv_heads, self.head_dim).transpose(1, 2)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         k, v = kv.update(k, v, plan)
@@ -91,7 +95,8 @@ class MLP(nn.Module):
         self.act = ACTIVATIONS[c.hidden_act]
 
     def forward(self, x):
-        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = projections(self, x, GATE_UP)
+        return self.down_proj(self.act(gate) * up)
 
 
 class Block(nn.Module):
@@ -139,8 +144,9 @@ class LlamaForCausalLM(CausalLM):
         return [LayerSpec(c.num_key_value_heads, c.head_dim, sliding_window=c.sliding_window, rotary=self.rotary)
                 for _ in range(c.num_hidden_layers)]
 
-    def forward_layers(self, input_ids, kv_layers, plans):
+    def forward_layers(self, input_ids, kv_layers, plans, last_only=False):
         x = self.model.embed_tokens(input_ids)
         for layer, kv, plan in zip(self.model.layers, kv_layers, plans):
             x = layer(x, kv, plan)
+        x = x[:, -1:] if last_only else x
         return self.lm_head(self.model.norm(x))

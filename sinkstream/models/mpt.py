@@ -137,8 +137,9 @@ class MptForCausalLM(CausalLM):
         c = self.config
         return [LayerSpec(c.num_attention_heads, c.head_dim) for _ in range(c.num_hidden_layers)]
 
-    def forward_layers(self, input_ids, kv_layers, plans):
+    def forward_layers(self, input_ids, kv_layers, plans, last_only=False):
         x = self.transformer.wte(input_ids)
         for layer, kv, plan in zip(self.transformer.blocks, kv_layers, plans):
             x = layer(x, kv, plan, self.alibi_slopes)
+        x = x[:, -1:] if last_only else x
         return self.lm_head(self.transformer.norm_f(x))

@@ -44,7 +44,7 @@ class Settings:
     model_id: str = "smollm2"               # the name clients use in "model"
     device: str = "auto"
     dtype: str = "auto"
-    quant: str = "none"                     # weight quantization, as load(quant=)
+    quant: str = "auto"                     # weight quantization, as load(quant=)
     cache: CacheConfig = field(default_factory=CacheConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)  # defaults for omitted fields
     state_dir: str | None = None            # None: a temporary folder, sessions end with the process
@@ -65,7 +65,7 @@ class ServerState:
     def load(self, loader: Callable, on_error: Callable[[str], None]) -> None:
         s = self.settings
         try:
-            extra = {} if s.quant in (None, "none") else {"quant": s.quant}
+            extra = {} if s.quant in (None, "auto") else {"quant": s.quant}
             model, tokenizer = loader(s.model, dtype=s.dtype, device=s.device, quiet=True, **extra)
             folder = s.state_dir
             if folder is None:

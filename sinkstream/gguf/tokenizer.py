@@ -1,0 +1,70 @@
+"""A tokenizer folder (tokenizer.json, tokenizer_config.json, chat template) built from a GGUF's metadata.
+
+transformers' GGUF tokenizer conversion reads only the metadata (vocabulary, merges, special ids, chat
+template), never a tensor. The folder is cached under ``cache_root()``, keyed by the file's size,
+modification time and the bytes of its header and metadata, so a cache hit reads a few MB, not the file.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from ..errors import ModelLoadError
+
+MARK = "tokenizer_config.json"  # written by save_pretrained; its presence means the folder is complete
+FORMAT = 1  # part of the key: raise it when what the folder holds changes
+
+
+def cache_key(path: Path, header_bytes: int) -> str:
+    """A key that changes when the file does, without reading its tensor data."""
+    st = path.stat()
+    h = hashlib.sha256(f"{FORMAT}:{st.st_size}:{st.st_mtime_ns}:".encode())
+    with open(path, "rb") as f:
+        left = header_bytes
+        while left > 0:
+            block = f.read(min(left, 1 << 22))
+            if not block:
+                break
+            h.update(block)
+            left -= len(block)
+    return h.hexdigest()[:24]
+
+
+def tokenizer_folder(path: Path, header_bytes: int) -> Path:
+    """The cached tokenizer folder of the GGUF at `path` (built on first use, written atomically)."""
+    from ..loading import cache_root
+    root = cache_root()
+    out = root / f"tokenizer-{cache_key(path, header_bytes)}"
+    if (out / MARK).exists():
+        return out
+    from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
+    hf_logging.set_verbosity_error()
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    except Exception as e:  # noqa: BLE001 - any failure here is a tokenizer the file does not describe well
+        raise ModelLoadError(f"cannot build a tokenizer from {path}: {type(e).__name__}: {e}") from None
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=root, prefix=".tokenizer-"))
+    try:
+        tok.save_pretrained(str(tmp))
+        # The class transformers picked by architecture (Qwen2Tokenizer, GemmaTokenizer...) rebuilds its own
+        # normalizer and pre-tokenizer on load, which need not be the ones this file's vocabulary was
+        # converted with; the plain backend loads tokenizer.json exactly as converted.
+        config_file = tmp / "tokenizer_config.json"
+        config = json.loads(config_file.read_text())
+        config["tokenizer_class"] = "TokenizersBackend"
+        config_file.write_text(json.dumps(config, indent=2, ensure_ascii=False))
+        try:
+            os.replace(tmp, out)
+        except OSError:  # another process finished the same folder first
+            if not (out / MARK).exists():
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out

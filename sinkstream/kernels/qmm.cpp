@@ -1,0 +1,253 @@
+// Matrix products with 4-bit and 8-bit block-quantized weights for the CPU, the way llama.cpp computes
+// them: activations are quantized to int8 per block of 32 on entry, each 32-weight block is an integer dot
+// product (AVX2 maddubs, or VNNI dpbusd where the compiler targets it) scaled once in float.
+//
+//   q4_mm(x [M,K] f32, qs u8 [N,K/2], d f16 [N,K/32], m f16 [N,K/32]) -> [M,N] f32,  w = q * d + m
+//       nibbles: byte j of a block holds element j (low) and element j + 16 (high), as GGUF's Q4_0/Q4_1.
+//   q8_mm(x [M,K] f32, qs i8 [N,K], d f16 [N,K/32]) -> [M,N] f32,                    w = q * d
+//   q4_dequant / q8_dequant(rows [r0, r1) of the same) -> [r1-r0, K] bf16: for many-token passes, which go
+//       through a bf16 matrix multiply (oneDNN, AMX where the CPU has it) on a slice of rows at a time.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+#include <immintrin.h>
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+namespace {
+
+constexpr int QK = 32;
+
+struct QuantizedRows {  // activations: int8 per block of 32 with a float scale, and scale * sum(q)
+  std::vector<int8_t> q;
+  std::vector<float> d, s;
+};
+
+QuantizedRows quantize_rows(const float* x, int64_t M, int64_t K) {
+  const int64_t nb = K / QK;
+  QuantizedRows r{std::vector<int8_t>(M * K), std::vector<float>(M * nb), std::vector<float>(M * nb)};
+  at::parallel_for(0, M * nb, 256, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const float* v = x + b * QK;
+      float amax = 0.f;
+      for (int i = 0; i < QK; ++i) amax = std::max(amax, std::fabs(v[i]));
+      const float d = amax / 127.f, inv = d ? 1.f / d : 0.f;
+      int sum = 0;
+      for (int i = 0; i < QK; ++i) {
+        const int q = (int)std::nearbyint(v[i] * inv);
+        r.q[b * QK + i] = (int8_t)q;
+        sum += q;
+      }
+      r.d[b] = d;
+      r.s[b] = d * (float)sum;
+    }
+  });
+  return r;
+}
+
+#if defined(__AVX2__)
+inline __m256i dot_u8_s8(__m256i u, __m256i s) {  // 8 int32 sums of 4 adjacent u8*s8 products
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+  return _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s);
+#elif defined(__AVXVNNI__)
+  return _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), u, s);
+#else
+  return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
+#endif
+}
+
+inline float hsum(__m256 v) {
+  __m128 a = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  a = _mm_add_ps(a, _mm_movehl_ps(a, a));
+  a = _mm_add_ss(a, _mm_movehdup_ps(a));
+  return _mm_cvtss_f32(a);
+}
+#endif
+
+inline float h2f(at::Half h) { return static_cast<float>(h); }
+
+float dot_q4(const uint8_t* qs, const at::Half* d, const at::Half* m, const int8_t* xq, const float* xd,
+             const float* xs, int64_t nb) {
+  float mins = 0.f;
+#if defined(__AVX2__)
+  const __m128i low = _mm_set1_epi8(0x0F);
+  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+  int64_t b = 0;
+  for (; b + 1 < nb; b += 2) {
+    const __m128i r0 = _mm_loadu_si128((const __m128i*)(qs + b * 16));
+    const __m128i r1 = _mm_loadu_si128((const __m128i*)(qs + b * 16 + 16));
+    const __m256i w0 = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(r0, 4), low), _mm_and_si128(r0, low));
+    const __m256i w1 = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(r1, 4), low), _mm_and_si128(r1, low));
+    const __m256i p0 = dot_u8_s8(w0, _mm256_loadu_si256((const __m256i*)(xq + b * QK)));
+    const __m256i p1 = dot_u8_s8(w1, _mm256_loadu_si256((const __m256i*)(xq + b * QK + QK)));
+    acc0 = _mm256_fmadd_ps(_mm256_set1_ps(h2f(d[b]) * xd[b]), _mm256_cvtepi32_ps(p0), acc0);
+    acc1 = _mm256_fmadd_ps(_mm256_set1_ps(h2f(d[b + 1]) * xd[b + 1]), _mm256_cvtepi32_ps(p1), acc1);
+    mins += h2f(m[b]) * xs[b] + h2f(m[b + 1]) * xs[b + 1];
+  }
+  float sum = hsum(_mm256_add_ps(acc0, acc1));
+  for (; b < nb; ++b) {
+    const __m128i r0 = _mm_loadu_si128((const __m128i*)(qs + b * 16));
+    const __m256i w0 = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(r0, 4), low), _mm_and_si128(r0, low));
+    const __m256i p0 = dot_u8_s8(w0, _mm256_loadu_si256((const __m256i*)(xq + b * QK)));
+    sum += h2f(d[b]) * xd[b] * hsum(_mm256_cvtepi32_ps(p0));
+    mins += h2f(m[b]) * xs[b];
+  }
+  return sum + mins;
+#else
+  float sum = 0.f;
+  for (int64_t b = 0; b < nb; ++b) {
+    int acc = 0;
+    for (int j = 0; j < 16; ++j) {
+      acc += (qs[b * 16 + j] & 15) * xq[b * QK + j] + (qs[b * 16 + j] >> 4) * xq[b * QK + j + 16];
+    }
+    sum += h2f(d[b]) * xd[b] * (float)acc;
+    mins += h2f(m[b]) * xs[b];
+  }
+  return sum + mins;
+#endif
+}
+
+float dot_q8(const int8_t* qs, const at::Half* d, const int8_t* xq, const float* xd, int64_t nb) {
+#if defined(__AVX2__)
+  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+  int64_t b = 0;
+  for (; b + 1 < nb; b += 2) {
+    const __m256i w0 = _mm256_loadu_si256((const __m256i*)(qs + b * QK));
+    const __m256i w1 = _mm256_loadu_si256((const __m256i*)(qs + b * QK + QK));
+    const __m256i x0 = _mm256_loadu_si256((const __m256i*)(xq + b * QK));
+    const __m256i x1 = _mm256_loadu_si256((const __m256i*)(xq + b * QK + QK));
+    // signed x signed as unsigned x signed: |w| times x carrying w's sign
+    const __m256i p0 = dot_u8_s8(_mm256_sign_epi8(w0, w0), _mm256_sign_epi8(x0, w0));
+    const __m256i p1 = dot_u8_s8(_mm256_sign_epi8(w1, w1), _mm256_sign_epi8(x1, w1));
+    acc0 = _mm256_fmadd_ps(_mm256_set1_ps(h2f(d[b]) * xd[b]), _mm256_cvtepi32_ps(p0), acc0);
+    acc1 = _mm256_fmadd_ps(_mm256_set1_ps(h2f(d[b + 1]) * xd[b + 1]), _mm256_cvtepi32_ps(p1), acc1);
+  }
+  float sum = hsum(_mm256_add_ps(acc0, acc1));
+  for (; b < nb; ++b) {
+    const __m256i w0 = _mm256_loadu_si256((const __m256i*)(qs + b * QK));
+    const __m256i x0 = _mm256_loadu_si256((const __m256i*)(xq + b * QK));
+    const __m256i p0 = dot_u8_s8(_mm256_sign_epi8(w0, w0), _mm256_sign_epi8(x0, w0));
+    sum += h2f(d[b]) * xd[b] * hsum(_mm256_cvtepi32_ps(p0));
+  }
+  return sum;
+#else
+  float sum = 0.f;
+  for (int64_t b = 0; b < nb; ++b) {
+    int acc = 0;
+    for (int j = 0; j < QK; ++j) acc += qs[b * QK + j] * xq[b * QK + j];
+    sum += h2f(d[b]) * xd[b] * (float)acc;
+  }
+  return sum;
+#endif
+}
+
+void check(const at::Tensor& x, const at::Tensor& qs, const at::Tensor& d, int64_t row_bytes_per_block) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x: contiguous float32 [M, K]");
+  TORCH_CHECK(x.size(1) % QK == 0, "K must be a multiple of 32");
+  const int64_t nb = x.size(1) / QK;
+  TORCH_CHECK(qs.dim() == 2 && qs.is_contiguous() && qs.size(1) == nb * row_bytes_per_block, "qs shape");
+  TORCH_CHECK(d.scalar_type() == at::kHalf && d.is_contiguous() && d.size(0) == qs.size(0) && d.size(1) == nb,
+              "d: float16 [N, K/32]");
+}
+
+// rows of the weight per task: whole cache lines of work, enough tasks to share among threads
+constexpr int64_t GRAIN = 16;
+
+}  // namespace
+
+at::Tensor q4_mm(at::Tensor x, at::Tensor qs, at::Tensor d, at::Tensor m) {
+  check(x, qs, d, 16);
+  TORCH_CHECK(qs.scalar_type() == at::kByte, "qs: uint8");
+  TORCH_CHECK(m.sizes() == d.sizes() && m.scalar_type() == at::kHalf && m.is_contiguous(), "m like d");
+  const int64_t M = x.size(0), K = x.size(1), N = qs.size(0), nb = K / QK;
+  auto y = at::empty({M, N}, x.options());
+  const auto xr = quantize_rows(x.data_ptr<float>(), M, K);
+  const uint8_t* w = qs.data_ptr<uint8_t>();
+  const at::Half* dp = d.data_ptr<at::Half>();
+  const at::Half* mp = m.data_ptr<at::Half>();
+  float* out = y.data_ptr<float>();
+  at::parallel_for(0, N, GRAIN, [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n) {
+      for (int64_t i = 0; i < M; ++i) {
+        out[i * N + n] = dot_q4(w + n * nb * 16, dp + n * nb, mp + n * nb, xr.q.data() + i * K,
+                                xr.d.data() + i * nb, xr.s.data() + i * nb, nb);
+      }
+    }
+  });
+  return y;
+}
+
+at::Tensor q8_mm(at::Tensor x, at::Tensor qs, at::Tensor d) {
+  check(x, qs, d, QK);
+  TORCH_CHECK(qs.scalar_type() == at::kChar, "qs: int8");
+  const int64_t M = x.size(0), K = x.size(1), N = qs.size(0), nb = K / QK;
+  auto y = at::empty({M, N}, x.options());
+  const auto xr = quantize_rows(x.data_ptr<float>(), M, K);
+  const int8_t* w = qs.data_ptr<int8_t>();
+  const at::Half* dp = d.data_ptr<at::Half>();
+  float* out = y.data_ptr<float>();
+  at::parallel_for(0, N, GRAIN, [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n) {
+      for (int64_t i = 0; i < M; ++i) {
+        out[i * N + n] = dot_q8(w + n * K, dp + n * nb, xr.q.data() + i * K, xr.d.data() + i * nb, nb);
+      }
+    }
+  });
+  return y;
+}
+
+at::Tensor q4_dequant(at::Tensor qs, at::Tensor d, at::Tensor m, int64_t r0, int64_t r1) {
+  TORCH_CHECK(qs.scalar_type() == at::kByte && qs.is_contiguous() && d.is_contiguous() && m.is_contiguous(), "q4 layout");
+  TORCH_CHECK(0 <= r0 && r0 <= r1 && r1 <= qs.size(0), "row range");
+  const int64_t K = qs.size(1) * 2, nb = K / QK;
+  auto w = at::empty({r1 - r0, K}, qs.options().dtype(at::kBFloat16));
+  const uint8_t* q = qs.data_ptr<uint8_t>();
+  const at::Half* dp = d.data_ptr<at::Half>();
+  const at::Half* mp = m.data_ptr<at::Half>();
+  at::BFloat16* out = w.data_ptr<at::BFloat16>();
+  at::parallel_for(r0, r1, 8, [&](int64_t a, int64_t b) {
+    for (int64_t n = a; n < b; ++n) {
+      for (int64_t j = 0; j < nb; ++j) {
+        const float dd = h2f(dp[n * nb + j]), mm = h2f(mp[n * nb + j]);
+        const uint8_t* src = q + (n * nb + j) * 16;
+        at::BFloat16* dst = out + (n - r0) * K + j * QK;
+        for (int i = 0; i < 16; ++i) {
+          dst[i] = at::BFloat16((src[i] & 15) * dd + mm);
+          dst[i + 16] = at::BFloat16((src[i] >> 4) * dd + mm);
+        }
+      }
+    }
+  });
+  return w;
+}
+
+at::Tensor q8_dequant(at::Tensor qs, at::Tensor d, int64_t r0, int64_t r1) {
+  TORCH_CHECK(qs.scalar_type() == at::kChar && qs.is_contiguous() && d.is_contiguous(), "q8 layout");
+  TORCH_CHECK(0 <= r0 && r0 <= r1 && r1 <= qs.size(0), "row range");
+  const int64_t K = qs.size(1), nb = K / QK;
+  auto w = at::empty({r1 - r0, K}, qs.options().dtype(at::kBFloat16));
+  const int8_t* q = qs.data_ptr<int8_t>();
+  const at::Half* dp = d.data_ptr<at::Half>();
+  at::BFloat16* out = w.data_ptr<at::BFloat16>();
+  at::parallel_for(r0, r1, 8, [&](int64_t a, int64_t b) {
+    for (int64_t n = a; n < b; ++n) {
+      for (int64_t i = 0; i < K; ++i) out[(n - r0) * K + i] = at::BFloat16(q[n * K + i] * h2f(dp[n * nb + i / QK]));
+    }
+  });
+  return w;
+}
+
+TORCH_LIBRARY(sinkstream, lib) {
+  lib.def("q4_mm(Tensor x, Tensor qs, Tensor d, Tensor m) -> Tensor");
+  lib.def("q8_mm(Tensor x, Tensor qs, Tensor d) -> Tensor");
+  lib.def("q4_dequant(Tensor qs, Tensor d, Tensor m, int r0, int r1) -> Tensor");
+  lib.def("q8_dequant(Tensor qs, Tensor d, int r0, int r1) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(sinkstream, CPU, lib) {
+  lib.impl("q4_mm", &q4_mm);
+  lib.impl("q8_mm", &q8_mm);
+  lib.impl("q4_dequant", &q4_dequant);
+  lib.impl("q8_dequant", &q8_dequant);
+}

@@ -1,0 +1,115 @@
+"""Our CPU kernels (sinkstream/kernels/qmm.cpp) against de-quantized references, and the layers around them."""
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sinkstream import kernels
+from sinkstream.quant import MANY_TOKENS, QuantLinear, QuantWeight, fuse_projections, projections, quantize
+
+from conftest import hf_tiny, ours_from_hf
+
+pytestmark = pytest.mark.skipif(not kernels.available(), reason="sinkstream's CPU kernels could not be built here")
+
+
+def int4_weight(n: int, k: int, seed: int = 0) -> QuantWeight:
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randint(0, 16, (n, k), generator=g, dtype=torch.uint8)
+    scale = torch.rand(n, k // 32, generator=g) / 10
+    zero = torch.randn(n, k // 32, generator=g) / 10
+    # values the kernel layout (float16 d and m = zero - 8 * scale) holds exactly
+    scale = scale.half().float()
+    zero = ((zero - 8 * scale).half().float() + 8 * scale)
+    return QuantWeight("int4", q, scale, zero, 32)
+
+
+def int8_weight(n: int, k: int, group: int, seed: int = 0) -> QuantWeight:
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
+    scale = (torch.rand(n, k // group, generator=g) / 50).half().float()
+    return QuantWeight("int8", q, scale, None, group)
+
+
+def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    return ((got - want).norm() / want.norm()).item()
+
+
+@pytest.mark.parametrize("make", [lambda: int4_weight(80, 256), lambda: int8_weight(80, 256, 32),
+                                  lambda: int8_weight(48, 96, 96)], ids=["int4", "int8-per-32", "int8-per-row"])
+@pytest.mark.parametrize("tokens", [1, 3, MANY_TOKENS + 5])
+def test_kernel_matches_the_dequantized_matmul(make, tokens):
+    w = make()
+    layer = QuantLinear(w)
+    assert layer.backend == "qmm"
+    x = torch.randn(2, tokens, w.shape[1])
+    want = x @ w.dequantize().t()
+    got = layer(x)
+    assert got.shape == want.shape and got.dtype == torch.float32
+    # int8 activations per block of 32 (bfloat16 for many-token passes): llama.cpp's error level, not worse
+    assert rel_err(got, want) < 0.01
+
+
+def test_dequant_kernels_are_exact_up_to_bfloat16():
+    for w in (int4_weight(64, 128), int8_weight(64, 128, 32)):
+        layer = QuantLinear(w)
+        ops = torch.ops.sinkstream
+        got = ops.q4_dequant(layer.qs, layer.d, layer.m, 16, 48) if w.kind == "int4" else \
+            ops.q8_dequant(layer.qs, layer.d, 16, 48)
+        assert torch.equal(got, w.dequantize()[16:48].to(torch.bfloat16))
+
+
+def test_kernel_rejects_bad_shapes():
+    w = int4_weight(32, 64)
+    layer = QuantLinear(w)
+    with pytest.raises(RuntimeError, match="multiple of 32|qs shape"):
+        torch.ops.sinkstream.q4_mm(torch.randn(1, 48), layer.qs, layer.d, layer.m)
+
+
+def test_fused_projections_give_the_same_logits_and_keep_the_state_dict():
+    hf = hf_tiny("llama")
+    a, b = ours_from_hf(hf), ours_from_hf(hf)
+    quantize(a, "int4")
+    for m in a.modules():  # undo the fusion quantize() did, for the reference
+        m.__dict__.pop("_fused", None)
+    quantize(b, "int4")
+    assert sum(len(m.__dict__.get("_fused", {})) for m in b.modules()) == 2 * b.config.num_hidden_layers
+    ids = torch.randint(0, 256, (1, 9))
+    assert torch.equal(a(ids), b(ids)) and torch.equal(a(ids[:, :1]), b(ids[:, :1]))
+    assert sorted(a.state_dict()) == sorted(b.state_dict())
+    # one copy of the weights: the parts are views of the stacked buffers
+    attn = b.model.layers[0].self_attn
+    fused = attn.__dict__["_fused"][("q_proj", "k_proj", "v_proj")]
+    assert attn.k_proj.qs.data_ptr() == fused.qs[attn.q_proj.out_features:].data_ptr()
+    q, k, v = projections(attn, torch.randn(1, 2, 64), ("q_proj", "k_proj", "v_proj"))
+    assert q.shape[-1] == attn.q_proj.out_features and v.shape[-1] == attn.v_proj.out_features
+
+
+def test_fuse_projections_skips_mixed_kinds():
+    hf = hf_tiny("llama")
+    model = ours_from_hf(hf)
+    quantize(model, "int4")
+    for m in model.modules():
+        m.__dict__.pop("_fused", None)
+    attn = model.model.layers[0].self_attn
+    attn.v_proj = QuantLinear.from_linear(torch.nn.Linear(64, attn.v_proj.out_features, bias=False), "int8")
+    assert fuse_projections(model) == 2 * model.config.num_hidden_layers - 1
+
+
+def test_without_our_kernels_torch_kernels_or_dequantized_weights_are_used():
+    code = ("import torch; from sinkstream.quant import QuantLinear, QuantWeight;"
+            "q = torch.randint(0, 16, (32, 64), dtype=torch.uint8); s = torch.rand(32, 2);"
+            "print(QuantLinear(QuantWeight('int4', q, s, s, 32)).backend,"
+            "QuantLinear(QuantWeight('int8', q.to(torch.int8), s, None, 32)).backend)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={"SINKSTREAM_KERNELS": "0", "PATH": ""}).stdout.split()
+    assert out == ["torch", "dequant"]
+
+
+def test_float_reference_of_quantized_linear_is_close():
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(128, 64)
+    layer = QuantLinear.from_linear(lin, "int8")
+    x = torch.randn(4, 128)
+    assert rel_err(layer(x), F.linear(x, lin.weight, lin.bias)) < 0.02
