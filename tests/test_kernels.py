@@ -113,3 +113,10 @@ def test_float_reference_of_quantized_linear_is_close():
     layer = QuantLinear.from_linear(lin, "int8")
     x = torch.randn(4, 128)
     assert rel_err(layer(x), F.linear(x, lin.weight, lin.bias)) < 0.02
+
+
+@pytest.mark.parametrize("offset", [0.0, 1.0])
+def test_rms_norm_kernel_matches_the_formula(offset):
+    x, w = torch.randn(3, 5, 96), torch.randn(96)
+    want = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * (offset + w)
+    assert torch.allclose(torch.ops.sinkstream.rms_norm(x, w, 1e-6, offset), want, atol=1e-5)

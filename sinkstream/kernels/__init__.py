@@ -1,5 +1,5 @@
-"""Our CPU kernels: block-quantized matrix products (qmm.cpp) and a decode step's attention and norm
-(decode.cpp), compiled for this machine on first use.
+"""Our CPU kernels: block-quantized matrix products (qmm.cpp) and an RMS norm (norm.cpp), compiled for
+this machine on first use.
 
 ``make`` builds them (``python -m sinkstream.kernels``); otherwise the first quantized model builds them
 (about 20 s) into ``$SINKSTREAM_KERNEL_CACHE`` (default ``~/.cache/sinkstream/kernels``, not moved by
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-SOURCES = [Path(__file__).with_name(n) for n in ("qmm.cpp", "decode.cpp")]
+SOURCES = [Path(__file__).with_name(n) for n in ("qmm.cpp", "norm.cpp")]
 _state: dict[str, object] = {}
 
 
