@@ -36,8 +36,9 @@ def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
     return ((got - want).norm() / want.norm()).item()
 
 
-@pytest.mark.parametrize("make", [lambda: int4_weight(80, 256), lambda: int8_weight(80, 256, 32),
-                                  lambda: int8_weight(48, 96, 96)], ids=["int4", "int8-per-32", "int8-per-row"])
+@pytest.mark.parametrize("make", [lambda: int4_weight(80, 256), lambda: int4_weight(48, 96),
+                                  lambda: int8_weight(80, 256, 32), lambda: int8_weight(48, 96, 96)],
+                         ids=["int4", "int4-odd-blocks", "int8-per-32", "int8-per-row"])
 @pytest.mark.parametrize("tokens", [1, 3, MANY_TOKENS + 5])
 def test_kernel_matches_the_dequantized_matmul(make, tokens):
     w = make()

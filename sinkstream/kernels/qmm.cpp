@@ -24,7 +24,15 @@ struct QuantizedRows {  // activations: int8 per block of 32 with a float scale,
   std::vector<float> d, s;
 };
 
-QuantizedRows quantize_rows(const float* x, int64_t M, int64_t K) {
+// pairs=true (q4_mm with AVX2): the codes of blocks 2j and 2j+1 are stored as [2j: 0..15, 2j+1: 0..15,
+// 2j: 16..31, 2j+1: 16..31], the order in which 32 bytes of packed weights unpack (low nibbles, then high):
+// one 256-bit load of weight bytes then meets two of activations, with no shuffle of the weights.
+inline int64_t slot(int64_t b, int i, int64_t nb, bool pairs) {
+  if (!pairs || (b | 1) >= nb) return b * QK + i;
+  return (b & ~int64_t(1)) * QK + (i < 16 ? 0 : QK) + (b & 1) * 16 + (i & 15);
+}
+
+QuantizedRows quantize_rows(const float* x, int64_t M, int64_t K, bool pairs = false) {
   const int64_t nb = K / QK;
   QuantizedRows r{std::vector<int8_t>(M * K), std::vector<float>(M * nb), std::vector<float>(M * nb)};
   at::parallel_for(0, M * nb, 256, [&](int64_t b0, int64_t b1) {
@@ -36,7 +44,7 @@ QuantizedRows quantize_rows(const float* x, int64_t M, int64_t K) {
       int sum = 0;
       for (int i = 0; i < QK; ++i) {
         const int q = (int)std::nearbyint(v[i] * inv);
-        r.q[b * QK + i] = (int8_t)q;
+        r.q[(b / nb) * K + slot(b % nb, i, nb, pairs)] = (int8_t)q;
         sum += q;
       }
       r.d[b] = d;
@@ -67,31 +75,53 @@ inline float hsum(__m256 v) {
 
 inline float h2f(at::Half h) { return static_cast<float>(h); }
 
+constexpr int64_t MAX_BLOCKS = 2048;  // rows up to 65536 columns take the vectorized scale path
+
 float dot_q4(const uint8_t* qs, const at::Half* d, const at::Half* m, const int8_t* xq, const float* xd,
              const float* xs, int64_t nb) {
   float mins = 0.f;
 #if defined(__AVX2__)
-  const __m128i low = _mm_set1_epi8(0x0F);
-  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+  // each block's scale (the weight's d times the activation's) and the min term, 8 blocks a step, so the
+  // block loop below does integer dots and one broadcast multiply-add per block
+  alignas(32) float dd[MAX_BLOCKS];
   int64_t b = 0;
-  for (; b + 1 < nb; b += 2) {
-    const __m128i r0 = _mm_loadu_si128((const __m128i*)(qs + b * 16));
-    const __m128i r1 = _mm_loadu_si128((const __m128i*)(qs + b * 16 + 16));
-    const __m256i w0 = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(r0, 4), low), _mm_and_si128(r0, low));
-    const __m256i w1 = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(r1, 4), low), _mm_and_si128(r1, low));
-    const __m256i p0 = dot_u8_s8(w0, _mm256_loadu_si256((const __m256i*)(xq + b * QK)));
-    const __m256i p1 = dot_u8_s8(w1, _mm256_loadu_si256((const __m256i*)(xq + b * QK + QK)));
-    acc0 = _mm256_fmadd_ps(_mm256_set1_ps(h2f(d[b]) * xd[b]), _mm256_cvtepi32_ps(p0), acc0);
-    acc1 = _mm256_fmadd_ps(_mm256_set1_ps(h2f(d[b + 1]) * xd[b + 1]), _mm256_cvtepi32_ps(p1), acc1);
-    mins += h2f(m[b]) * xs[b] + h2f(m[b + 1]) * xs[b + 1];
+  if (nb <= MAX_BLOCKS) {
+    __m256 mins8 = _mm256_setzero_ps();
+    for (; b + 8 <= nb; b += 8) {
+      const __m256 dv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(d + b)));
+      _mm256_store_ps(dd + b, _mm256_mul_ps(dv, _mm256_loadu_ps(xd + b)));
+      mins8 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(m + b))), _mm256_loadu_ps(xs + b), mins8);
+    }
+    mins = hsum(mins8);
+    for (; b < nb; ++b) {
+      dd[b] = h2f(d[b]) * xd[b];
+      mins += h2f(m[b]) * xs[b];
+    }
+  } else {
+    return dot_q4(qs, d, m, xq, xd, xs, MAX_BLOCKS) +
+           dot_q4(qs + MAX_BLOCKS * 16, d + MAX_BLOCKS, m + MAX_BLOCKS, xq + MAX_BLOCKS * QK, xd + MAX_BLOCKS,
+                  xs + MAX_BLOCKS, nb - MAX_BLOCKS);
+  }
+  b = 0;
+  const __m128i low = _mm_set1_epi8(0x0F);
+  const __m256i low32 = _mm256_set1_epi8(0x0F);
+  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+  for (; b + 1 < nb; b += 2) {  // blocks b, b+1: 32 weight bytes, activations in pair order
+    const __m256i r = _mm256_loadu_si256((const __m256i*)(qs + b * 16));
+    const __m256i p0 = dot_u8_s8(_mm256_and_si256(r, low32), _mm256_loadu_si256((const __m256i*)(xq + b * QK)));
+    const __m256i p1 = dot_u8_s8(_mm256_and_si256(_mm256_srli_epi16(r, 4), low32),
+                                 _mm256_loadu_si256((const __m256i*)(xq + b * QK + QK)));
+    // lanes 0-3 hold block b's sums, lanes 4-7 block b+1's
+    const __m256 sc = _mm256_set_m128(_mm_broadcast_ss(dd + b + 1), _mm_broadcast_ss(dd + b));
+    acc0 = _mm256_fmadd_ps(sc, _mm256_cvtepi32_ps(p0), acc0);
+    acc1 = _mm256_fmadd_ps(sc, _mm256_cvtepi32_ps(p1), acc1);
   }
   float sum = hsum(_mm256_add_ps(acc0, acc1));
   for (; b < nb; ++b) {
     const __m128i r0 = _mm_loadu_si128((const __m128i*)(qs + b * 16));
     const __m256i w0 = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(r0, 4), low), _mm_and_si128(r0, low));
     const __m256i p0 = dot_u8_s8(w0, _mm256_loadu_si256((const __m256i*)(xq + b * QK)));
-    sum += h2f(d[b]) * xd[b] * hsum(_mm256_cvtepi32_ps(p0));
-    mins += h2f(m[b]) * xs[b];
+    sum += dd[b] * hsum(_mm256_cvtepi32_ps(p0));
   }
   return sum + mins;
 #else
@@ -162,7 +192,11 @@ at::Tensor q4_mm(at::Tensor x, at::Tensor qs, at::Tensor d, at::Tensor m) {
   TORCH_CHECK(m.sizes() == d.sizes() && m.scalar_type() == at::kHalf && m.is_contiguous(), "m like d");
   const int64_t M = x.size(0), K = x.size(1), N = qs.size(0), nb = K / QK;
   auto y = at::empty({M, N}, x.options());
+#if defined(__AVX2__)
+  const auto xr = quantize_rows(x.data_ptr<float>(), M, K, /*pairs=*/true);
+#else
   const auto xr = quantize_rows(x.data_ptr<float>(), M, K);
+#endif
   const uint8_t* w = qs.data_ptr<uint8_t>();
   const at::Half* dp = d.data_ptr<at::Half>();
   const at::Half* mp = m.data_ptr<at::Half>();
