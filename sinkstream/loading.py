@@ -22,6 +22,7 @@ from torch import nn
 from .errors import ModelLoadError, SinkstreamError
 from .models import model_class
 from .models.base import CausalLM
+from ._malloc import loading, release_freed_memory
 from .quant import (QUANT_TYPES, QuantEmbedding, QuantLinear, QuantWeight, check_quant, fuse_projections,
                     head_kind)
 
@@ -233,25 +234,6 @@ class _Convert:
         return emb
 
 
-def _malloc_trim():
-    try:
-        import ctypes
-        return ctypes.CDLL(None).malloc_trim  # glibc
-    except (OSError, AttributeError, TypeError):
-        return None
-
-
-_MALLOC_TRIM = _malloc_trim()
-
-
-def _release_freed_memory() -> None:
-    """Hand the allocator's free pages back to the OS. Without it glibc keeps the temporaries of one
-    tensor's conversion mapped between the long-lived buffers placed after them, and a load peaks up to the
-    model's size again above what it holds (measured: 80 MB of int4 weights loading at 120 to 250 MB)."""
-    if _MALLOC_TRIM is not None:
-        _MALLOC_TRIM(0)
-
-
 def _take(source: WeightSource, where: dict[str, str], key: str, like: torch.Tensor):
     w = source.load(where[key])
     if tuple(w.shape) != tuple(like.shape):
@@ -300,6 +282,11 @@ def build_model(config: dict, weights: dict[str, torch.Tensor] | WeightSource, *
     "none" de-quantizes everything into `dtype`; "int4"/"int8" quantize the linear layers per tensor as
     `sinkstream.quant.quantize` does (a QuantWeight already in the kind wanted stays as it is). `model.quant`
     says what is in effect: "int4", "int8", "gguf" (the source's own quantized tensors), or None."""
+    with loading():  # freed conversion temporaries go back to the OS (sinkstream/_malloc.py)
+        return _build_model(config, weights, dtype=dtype, device=device, quant=quant, quant_group=quant_group)
+
+
+def _build_model(config, weights, *, dtype, device, quant, quant_group) -> CausalLM:
     source = weights if hasattr(weights, "load") and hasattr(weights, "names") else _TensorDict(weights)
     quant = "auto" if quant is None else quant
     if quant not in QUANT_CHOICES:
@@ -321,10 +308,10 @@ def build_model(config: dict, weights: dict[str, torch.Tensor] | WeightSource, *
     head, embedding = f"{model.head_module}.weight", f"{model.embedding_module}.weight"
     if where[head] == where[embedding] and type(model.get_submodule(model.head_module)) is nn.Linear:
         _fill_tied(model, source, where, conv)
-        _release_freed_memory()
+        release_freed_memory()
     for name, mod in list(model.named_modules()):
         _fill_module(model, name, mod, source, where, conv)  # a function: its tensors die on return
-        _release_freed_memory()
+        release_freed_memory()
     for mod in model.modules():  # non-persistent buffers (rotary tables) were built on the CPU
         for name in mod._non_persistent_buffers_set:
             buf = mod._buffers.get(name)
