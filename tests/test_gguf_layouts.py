@@ -20,6 +20,7 @@ from transformers.utils import logging as hf_logging  # noqa: E402
 
 import sinkstream  # noqa: E402
 from sinkstream.loading import build_model  # noqa: E402
+from test_gguf_arch import add_tokenizer  # noqa: E402  (the same small vocabulary, V tokens)
 
 hf_logging.set_verbosity_error()
 V = 64
@@ -36,20 +37,6 @@ def tiny_hf(config, folder):
     for f in sorted(folder.glob("*.safetensors")):
         sd.update(load_file(str(f)))
     return build_model(json.loads((folder / "config.json").read_text()), sd), hf.state_dict()
-
-
-def add_tokenizer(w: gguf.GGUFWriter) -> None:
-    """A small sentencepiece-style vocabulary (`tokenizer.ggml.model = llama`), as llama.cpp writes one."""
-    special = ["<unk>", "<s>", "</s>"]
-    pieces = ["\u2581"] + [chr(c) for c in range(ord("a"), ord("z") + 1)]
-    pieces += ["\u2581" + chr(c) for c in range(ord("a"), ord("a") + V - len(special) - len(pieces))]
-    w.add_tokenizer_model("llama")
-    w.add_token_list(special + pieces)
-    w.add_token_scores([0.0] * len(special) + [-float(i) for i in range(len(pieces))])
-    w.add_token_types([2, 3, 3] + [1] * len(pieces))  # unknown, control, control, normal
-    w.add_unk_token_id(0)
-    w.add_bos_token_id(1)
-    w.add_eos_token_id(2)
 
 
 def llama_cpp_permute(w: torch.Tensor, heads: int) -> np.ndarray:
