@@ -62,10 +62,12 @@ def load(*, verbose: bool = False) -> bool:
             from torch.utils import cpp_extension
             folder = build_dir()
             folder.mkdir(parents=True, exist_ok=True)
+            if not (folder / "sinkstream_kernels.so").exists():  # a silent pause of ~20 s otherwise
+                print(f"sinkstream: compiling CPU kernels for this machine (once) into {folder}", file=sys.stderr)
             cpp_extension.load(name="sinkstream_kernels", sources=[str(p) for p in SOURCES], build_directory=str(folder),
                                extra_cflags=_flags_for_this_cpu() + ["-fopenmp"], extra_ldflags=["-fopenmp"],
                                is_python_module=False, verbose=verbose)
-            ok = hasattr(torch.ops.sinkstream, "q4_mm")
+            ok = hasattr(torch.ops.sinkstream, "q4_mm") and hasattr(torch.ops.sinkstream, "rms_norm")
         except Exception as e:  # noqa: BLE001 - no compiler, no headers: say so once, use torch's kernels
             warnings.warn(f"sinkstream: CPU kernels not built ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
                           "quantized layers use torch's kernels", stacklevel=2)
