@@ -39,6 +39,21 @@ class SamplingConfig:
             raise ValueError("repetition_penalty must be in [0.01, 100]")
 
 
+NUCLEUS_CANDIDATES = 256  # top-p looks at the most likely tokens first: sorting 49K-262K costs 3+ ms a token
+
+
+def nucleus(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """probs [..., V] with everything outside the smallest most-likely prefix whose mass reaches top_p set
+    to 0. The prefix is searched among the NUCLEUS_CANDIDATES most likely tokens (a top-k, no sort of the
+    vocabulary); only where their mass does not pass top_p is the whole vocabulary sorted. Same result."""
+    k = min(NUCLEUS_CANDIDATES, probs.shape[-1])
+    sp, idx = probs.topk(k, dim=-1)  # descending
+    if k < probs.shape[-1] and bool((sp.sum(-1) <= top_p).any()):
+        sp, idx = probs.sort(dim=-1, descending=True)
+    drop = (sp.cumsum(-1) - sp) > top_p  # keep the smallest prefix reaching top_p
+    return torch.zeros_like(probs).scatter(-1, idx, sp.masked_fill(drop, 0))
+
+
 def make_sampler(cfg: SamplingConfig, device: torch.device | str = "cpu") -> Sampler:
     if cfg.temperature == 0:
         return lambda logits: logits.argmax(dim=-1)
@@ -54,9 +69,7 @@ def make_sampler(cfg: SamplingConfig, device: torch.device | str = "cpu") -> Sam
         if cfg.min_p > 0:
             probs = probs.masked_fill(probs < cfg.min_p * probs.max(dim=-1, keepdim=True).values, 0)
         if cfg.top_p < 1:
-            sp, idx = probs.sort(dim=-1, descending=True)
-            drop = (sp.cumsum(-1) - sp) > cfg.top_p  # keep the smallest prefix reaching top_p
-            probs = probs.scatter(-1, idx, sp.masked_fill(drop, 0))
+            probs = nucleus(probs, cfg.top_p)
         return torch.multinomial(probs / probs.sum(-1, keepdim=True), 1, generator=gen).squeeze(-1)
 
     sample.generator = gen  # sessions save and restore its state

@@ -113,3 +113,19 @@ def test_session_save_restore_continues_exactly(real, tmp_path):
     (tmp_path / "bad.safetensors").write_bytes(bytes(data))
     with pytest.raises(ValueError, match="damaged|cannot read"):
         Session.load(tmp_path / "bad.safetensors", model, tok)
+
+
+def _nucleus_by_sorting(probs, top_p):
+    sp, idx = probs.sort(dim=-1, descending=True)
+    drop = (sp.cumsum(-1) - sp) > top_p
+    return probs.scatter(-1, idx, sp.masked_fill(drop, 0))
+
+
+@pytest.mark.parametrize("top_p", [0.1, 0.5, 0.9, 0.999])
+@pytest.mark.parametrize("sharpness", [0.5, 3.0])
+def test_nucleus_from_top_candidates_equals_sorting_the_vocabulary(top_p, sharpness):
+    """Flat distributions (sharpness 0.5) need more than the candidates: the full sort takes over."""
+    from sinkstream.sampling import nucleus
+    g = torch.Generator().manual_seed(0)
+    probs = (torch.randn(3, 5000, generator=g) * sharpness).softmax(-1)
+    assert torch.equal(nucleus(probs, top_p), _nucleus_by_sorting(probs, top_p))
