@@ -35,6 +35,16 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Plan, *, sca
         if mask is not None:
             bias = bias.masked_fill(~mask, float("-inf"))
         mask = bias
+    if k.dtype != q.dtype:  # a cache kept in a narrower dtype (CacheConfig.kv_dtype): attend in its dtype
+        out_dtype, q = q.dtype, q.to(k.dtype)
+        q_sink = None if q_sink is None else q_sink.to(k.dtype)
+        mask = mask.to(k.dtype) if mask is not None and mask.dtype != torch.bool else mask
+        return _sdpa(q, k, v, plan, mask, q_sink, scale).to(out_dtype)
+    return _sdpa(q, k, v, plan, mask, q_sink, scale)
+
+
+def _sdpa(q, k, v, plan: Plan, mask, q_sink, scale: float) -> torch.Tensor:
+    """SDPA of rotated queries over the view; with `q_sink`, sink columns see the sink rotation."""
     gqa = q.shape[1] != k.shape[1]
     if q_sink is not None:
         sink = plan.sink_cols[None, None, :, None]

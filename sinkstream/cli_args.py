@@ -29,6 +29,9 @@ def add_cache_args(p: argparse.ArgumentParser, *, default_policy: str = "sink", 
                         "memory = sink + recall of evicted blocks")
     g.add_argument("--sinks", type=int, default=4, help="attention-sink tokens kept for ever (default 4)")
     g.add_argument("--window", type=int, default=1020, help="recent tokens kept (default 1020)")
+    g.add_argument("--kv-dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="dtype of the cached keys and values (auto: the model's; bfloat16 halves the bytes a "
+                        "decode step reads; dense, window and sink caches)")
     g.add_argument("--prefill-chunk", type=int, default=512, help="tokens per forward pass in long prompts")
     m = p.add_argument_group("memory cache (--cache memory)")
     m.add_argument("--block-size", type=int, default=64, help="evicted tokens per memory block (default 64)")
@@ -144,7 +147,8 @@ def cache_config(args) -> CacheConfig:
                            block_size=getattr(args, "block_size", 64), top_k=getattr(args, "memory_top_k", 4),
                            memory_budget=getattr(args, "memory_budget", None),
                            memory_dir=getattr(args, "memory_dir", None),
-                           representative=getattr(args, "representative", "attention"))
+                           representative=getattr(args, "representative", "attention"),
+                           kv_dtype=None if getattr(args, "kv_dtype", "auto") == "auto" else args.kv_dtype)
     except ValueError as e:
         raise SinkstreamError(str(e)) from None
 

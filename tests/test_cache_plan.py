@@ -100,3 +100,39 @@ def test_max_pos_is_computed_by_the_plan_itself():
     assert far.max_pos == int(p.k_pos.max()) + 5000
     tk_far, _, _ = far.rope(rot, torch.float32)  # its own tables, past the first 4096 positions
     assert torch.equal(tk_far[0], rot.tables(p.k_pos + 5000, torch.float32)[0])
+
+
+@pytest.mark.parametrize("kv_dtype", ["bfloat16", "float16"])
+def test_narrow_kv_cache_stays_close_to_float32_and_saves_as_it_runs(kv_dtype, tmp_path):
+    """CacheConfig.kv_dtype: buffers in that dtype, logits of a long sink stream near the float32 cache's,
+    and a session saved mid-stream continues exactly as the uninterrupted one."""
+    from conftest import hf_tiny, ours_from_hf
+    from sinkstream import CacheConfig
+    model = ours_from_hf(hf_tiny("llama"))
+    ids = torch.randint(0, 256, (1, 90), generator=torch.Generator().manual_seed(0))
+    out = {}
+    for dt in (None, kv_dtype):
+        cache = model.make_cache(CacheConfig("sink", sinks=2, window=14, prefill_chunk=5, kv_dtype=dt))
+        assert cache.layers[0].k.dtype == (getattr(torch, dt) if dt else torch.float32)
+        out[dt] = torch.cat([cache.run(model, ids[:, :40])] + [cache.run(model, ids[:, i:i + 1])
+                                                              for i in range(40, 90)], dim=1)
+    ref = out[None]
+    assert (out[kv_dtype] - ref).abs().max() < 0.05 * ref.abs().max()
+    with pytest.raises(ValueError, match="kv_dtype"):
+        CacheConfig("memory", kv_dtype="bfloat16")
+    with pytest.raises(ValueError, match="unknown kv_dtype"):
+        CacheConfig("sink", kv_dtype="int8")
+
+
+def test_narrow_kv_session_round_trip(real, tmp_path):
+    from sinkstream import CacheConfig, SamplingConfig, Session
+    model, tok = real
+    cfg = CacheConfig("sink", sinks=2, window=14, kv_dtype="bfloat16")
+    a = Session(model, tok, cfg, SamplingConfig(temperature=0))
+    a.feed("a b c d e f g h i j k l m n o p q r")
+    a.save(tmp_path / "s.safetensors")
+    b = Session.load(tmp_path / "s.safetensors", model, tok)
+    assert b.cache_config.kv_dtype == "bfloat16"
+    assert b.cache.layers[0].k.dtype == torch.bfloat16
+    first, second = ("".join(r.text for r in s.send("s t u", max_tokens=8)) for s in (a, b))
+    assert first == second

@@ -24,6 +24,7 @@ from .plan import Plan, RingSlots
 
 POLICIES = ("dense", "window", "sink", "recompute", "memory")
 REPRESENTATIVES = ("attention", "mean")
+KV_DTYPES = (None, "float32", "bfloat16", "float16")
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,10 @@ class CacheConfig:
     memory_budget: int | None = None  # bytes of block K/V kept in RAM before spilling to disk; None = no limit
     memory_dir: str | None = None     # where spilled blocks go (a temporary folder when None)
     representative: str = "attention"  # block keys scored against queries: "attention" (most attended) or "mean"
+    # the K/V buffers' dtype: None keeps the model's; "bfloat16" halves the bytes every decode step reads
+    # (llama.cpp keeps its KV in float16 by default). Rotations and attention scores are computed as before
+    # and rounded into the buffers' dtype only when stored.
+    kv_dtype: str | None = None
 
     def __post_init__(self):
         if self.policy not in POLICIES:
@@ -49,6 +54,10 @@ class CacheConfig:
             raise ValueError(f"window must be at least 1 token, got {self.window}")
         if self.prefill_chunk < 1:
             raise ValueError("prefill_chunk must be >= 1")
+        if self.kv_dtype not in KV_DTYPES:
+            raise ValueError(f"unknown kv_dtype {self.kv_dtype!r} (choose from {', '.join(map(str, KV_DTYPES))})")
+        if self.kv_dtype is not None and self.policy in ("memory", "recompute"):
+            raise ValueError(f"kv_dtype is for the dense, window and sink policies, not {self.policy}")
         if self.policy == "memory":
             if self.block_size < 1 or self.top_k < 1:
                 raise ValueError(f"block_size and top_k must be >= 1, got {self.block_size} and {self.top_k}")
@@ -264,5 +273,6 @@ def make_cache(model, config: CacheConfig | None = None, *, batch: int = 1):
         from .memory import MemoryCache  # imports this module
         return MemoryCache(config, model.layer_specs(), batch=batch, dtype=model.dtype, device=model.device,
                            max_context=model.max_context)
-    return StreamCache(config, model.layer_specs(), batch=batch, dtype=model.dtype, device=model.device,
+    dtype = getattr(torch, config.kv_dtype) if config.kv_dtype else model.dtype
+    return StreamCache(config, model.layer_specs(), batch=batch, dtype=dtype, device=model.device,
                        max_context=model.max_context)

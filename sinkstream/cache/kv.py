@@ -50,6 +50,7 @@ class KVBuffer:
         self._grow(plan.capacity)
         if self.rotary is not None:
             k_new = self._prerotate(k_new, plan)
+        k_new, v_new = k_new.to(self.k.dtype), v_new.to(self.v.dtype)  # attention sees what is stored
         if plan.write_first:
             self._write(k_new, v_new, plan)
             return self.k[:, :, :plan.read_len], self.v[:, :, :plan.read_len]
@@ -61,18 +62,18 @@ class KVBuffer:
     def _prerotate(self, k_new: torch.Tensor, plan: Plan) -> torch.Tensor:
         """Re-base if due, keep new sink keys un-rotated, rotate sinks for this pass; return rotated k_new."""
         S, rot, inter = self.sinks, self.rotary, self.rotary.cfg.interleaved
-        if plan.rebase:
-            cos, sin = rot.shift(-plan.rebase, self.k.dtype)
-            self.k[:, :, S:] = apply_rotary(self.k[:, :, S:], cos, sin, interleaved=inter)
+        if plan.rebase:  # in the new keys' precision, rounded into the buffer once
+            cos, sin = rot.shift(-plan.rebase, k_new.dtype)
+            self.k[:, :, S:] = apply_rotary(self.k[:, :, S:].to(k_new.dtype), cos, sin, interleaved=inter)
         if S and plan.start < S:  # tokens that become sinks: remember them un-rotated
             n = min(S - plan.start, plan.n_new)
             self.sink_k[:, :, plan.start:plan.start + n] = k_new[:, :, :n]
-        (cos, sin), sink_tab = plan.key_tables(rot, self.k.dtype)
+        (cos, sin), sink_tab = plan.key_tables(rot, k_new.dtype)
         k_rot = apply_rotary(k_new, cos, sin, interleaved=inter)
         have = min(plan.start, S)  # sinks already stored (new ones arrive rotated in k_rot)
         if have:
             cos, sin = sink_tab[0][:have], sink_tab[1][:have]
-            self.k[:, :, :have] = apply_rotary(self.sink_k[:, :, :have], cos, sin, interleaved=inter)
+            self.k[:, :, :have] = apply_rotary(self.sink_k[:, :, :have].to(k_new.dtype), cos, sin, interleaved=inter)
         return k_rot
 
     def _write(self, k_new, v_new, plan: Plan) -> None:
