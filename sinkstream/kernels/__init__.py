@@ -60,6 +60,11 @@ def load(*, verbose: bool = False) -> bool:
     if os.environ.get("SINKSTREAM_KERNELS", "1") != "0":
         try:
             from torch.utils import cpp_extension
+            # torch runs `ninja` from PATH; pip puts it (a dependency) beside this interpreter, which a
+            # `.venv/bin/python` run by make or an IDE does not have on PATH
+            bindir = os.path.dirname(sys.executable)
+            if bindir not in os.environ.get("PATH", "").split(os.pathsep):
+                os.environ["PATH"] = os.pathsep.join([bindir, os.environ.get("PATH", "")])
             folder = build_dir()
             folder.mkdir(parents=True, exist_ok=True)
             if not (folder / "sinkstream_kernels.so").exists():  # a silent pause of ~20 s otherwise
