@@ -24,7 +24,7 @@ from .models import model_class
 from .models.base import CausalLM
 from ._malloc import loading, release_freed_memory
 from .quant import (QUANT_TYPES, QuantEmbedding, QuantLinear, QuantWeight, check_quant, fuse_projections,
-                    head_kind)
+                    layer_kind)
 
 DEFAULT_MODEL = "smollm2"
 QUANT_CHOICES = ("auto",) + QUANT_TYPES
@@ -216,9 +216,8 @@ class _Convert:
 
     def linear(self, lin: nn.Linear, w: torch.Tensor | QuantWeight, bias: torch.Tensor | None) -> nn.Module:
         if self.quant in ("int4", "int8"):
-            kind = head_kind(self.quant, lin.out_features, self.vocab)
-            fits = kind == "int8" or lin.in_features % self.group == 0  # else it stays as it came
-            if fits and not (isinstance(w, QuantWeight) and w.kind in (self.quant, kind)):
+            kind = layer_kind(self.quant, lin, self.vocab, self.group)  # None: it stays as it came
+            if kind is not None and not (isinstance(w, QuantWeight) and w.kind in (self.quant, kind)):
                 w = _requantize(w, kind, self.group)
         if isinstance(w, QuantWeight) and self.quant != "none":  # .to: any buffer a layer makes on the CPU
             return QuantLinear(_on(w, self.device), bias, out_dtype=self.dtype).to(self.device)

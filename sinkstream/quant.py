@@ -248,9 +248,12 @@ class QuantEmbedding(nn.Module):
         return f"{self.num_embeddings}, {self.embedding_dim}, {self.kind}, group={self.group}"
 
 
-def head_kind(kind: str, out_features: int, vocab: int | None) -> str:
-    """The quantization a linear layer gets under `kind`: the output projection stays at int8 under int4."""
-    return "int8" if out_features == vocab else kind
+def layer_kind(kind: str, layer: nn.Linear, vocab: int | None, group: int) -> str | None:
+    """The quantization a linear layer gets under `kind`, or None where it stays float: the output projection
+    is int8 under int4, and int4 layers need whole groups of input columns."""
+    if layer.out_features == vocab or kind == "int8":
+        return "int8"
+    return kind if layer.in_features % group == 0 else None
 
 
 def quantize(model: nn.Module, kind: str | None, group: int = 32, *, fused: bool | None = None) -> int:
@@ -265,8 +268,8 @@ def quantize(model: nn.Module, kind: str | None, group: int = 32, *, fused: bool
         for name, child in list(parent.named_children()):
             if type(child) is not nn.Linear:
                 continue
-            k = head_kind(kind, child.out_features, vocab)
-            if k == "int8" or child.in_features % group == 0:
+            k = layer_kind(kind, child, vocab, group)
+            if k is not None:
                 setattr(parent, name, QuantLinear.from_linear(child, k, group, fused=fused))
                 done += 1
     fuse_projections(model)
