@@ -1,11 +1,41 @@
 """Scaled dot-product attention over a cache view. Policy-agnostic: everything comes from the Plan."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
 from .cache.plan import Plan
 from .rope import Rotary, apply_rotary
+
+
+@dataclass
+class Packed:
+    """One layer's caches in a pass that packs several caches' new tokens along the sequence axis: the
+    tokens of cache i are positions ``bounds[i]:bounds[i + 1]``; ``layers[i]`` and ``plans[i]`` are its layer
+    cache and this pass's plan for it. Everything but attention is position-wise, so only attention splits."""
+    bounds: list[int]
+    layers: list
+    plans: list
+
+
+def cached_attention(kv, plan: Plan | None, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                     **kw) -> torch.Tensor:
+    """Store this pass's k, v in the layer cache `kv` as `plan` says and attend q over what it returns
+    (`attend`'s keywords). With a `Packed` kv (plan None) each cache's segment does so on its own.
+
+    Packed attention runs per segment: each cache keeps its own buffers, plan and positions, so caches of any
+    policy, fill level and pass length (prefill chunks beside decode tokens) share one pass with no padding.
+    """
+    if isinstance(kv, Packed):
+        outs = []
+        for i, (layer, p) in enumerate(zip(kv.layers, kv.plans)):
+            a, b = kv.bounds[i], kv.bounds[i + 1]
+            outs.append(cached_attention(layer, p, q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], **kw))
+        return torch.cat(outs, dim=2)
+    k, v = kv.update(k, v, plan)
+    return attend(q, k, v, plan, **kw)
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Plan, *, scale: float,

@@ -5,12 +5,14 @@ strings and timing. `generate` collects a whole reply. The CLI, server and eval 
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 
+from .batch import runner_for
 from .sampling import LogitsProcessor, Sampler, SamplingConfig, make_logits_processors, make_sampler
 from .tokenizer import StreamingDetokenizer, encode, eos_token_ids
 
@@ -23,24 +25,32 @@ def stream_tokens(model, cache, prompt_ids: torch.Tensor, *, sampler: Sampler,
     """Feed prompt_ids [n] (or [1, n]) into `cache`, then yield sampled ids until a stop id or max_tokens.
 
     max_tokens None or < 0 = endless. The last sampled id is *not* yet in the cache when the loop
-    stops (the caller feeds it with the next turn, see Session).
+    stops (the caller feeds it with the next turn, see Session). Every pass goes through the context's
+    runner (`batch.runner_for`): alone in this thread, or batched with other streams; the logits processors
+    and the sampler run where the pass runs.
     """
     ids = prompt_ids.view(1, -1).to(model.device)
     hist = ids if history is None else torch.cat([history.view(1, -1).to(ids.device), ids], dim=1)
-    logits = cache.run(model, ids, logits="last", progress=progress)[:, -1]
-    n = 0
-    while max_tokens is None or max_tokens < 0 or n < max_tokens:
+    runner = runner_for(model)
+
+    def pick(logits: torch.Tensor) -> torch.Tensor:
+        logits = logits[:, -1]
         for proc in logits_processors:
             logits = proc(hist, logits)
-        tok = sampler(logits)
-        t = int(tok[0])
-        n += 1
-        yield t
-        if t in stop_ids:
-            return
-        nxt = tok.view(1, 1)
-        hist = torch.cat([hist[:, -255:], nxt], dim=1)  # penalties only look at a recent window
-        logits = cache.run(model, nxt, logits="last")[:, -1]
+        return sampler(logits)
+
+    with runner.stream():
+        tok = runner.run(model, cache, ids, progress=progress, then=pick)
+        n = 0
+        while max_tokens is None or max_tokens < 0 or n < max_tokens:
+            t = int(tok[0])
+            n += 1
+            yield t
+            if t in stop_ids:
+                return
+            nxt = tok.view(1, 1)
+            hist = torch.cat([hist[:, -255:], nxt], dim=1)  # penalties only look at a recent window
+            tok = runner.run(model, cache, nxt, then=pick)
 
 
 @dataclass
@@ -119,22 +129,23 @@ def stream_generate(model, tokenizer, prompt: str | list[int] | torch.Tensor, *,
         return GenerationResponse(text, tok, len(ids), n, prompt_tps, gen_tps, finish,
                                   getattr(cache, "seen", 0), getattr(cache, "cached", 0))
 
-    for tok in stream:
-        n += 1
-        if t_first is None:
-            t_first = time.perf_counter()
-            prompt_tps = len(ids) / max(t_first - t0, 1e-9)
-        if tok in stop_ids:
-            yield response(matcher.flush() + detok.flush(), tok, "stop")
-            return
-        text, hit = matcher.push(detok.add(tok))
-        if hit:
-            yield response(text, tok, "stop")
-            return
-        if max_tokens is not None and 0 <= max_tokens <= n:
-            yield response(text + matcher.push(detok.flush())[0] + matcher.flush(), tok, "length")
-            return
-        yield response(text, tok, None)
+    with contextlib.closing(stream):  # a reply that ends leaves the batch at once
+        for tok in stream:
+            n += 1
+            if t_first is None:
+                t_first = time.perf_counter()
+                prompt_tps = len(ids) / max(t_first - t0, 1e-9)
+            if tok in stop_ids:
+                yield response(matcher.flush() + detok.flush(), tok, "stop")
+                return
+            text, hit = matcher.push(detok.add(tok))
+            if hit:
+                yield response(text, tok, "stop")
+                return
+            if max_tokens is not None and 0 <= max_tokens <= n:
+                yield response(text + matcher.push(detok.flush())[0] + matcher.flush(), tok, "length")
+                return
+            yield response(text, tok, None)
 
 
 def generate(model, tokenizer, prompt, **kwargs) -> str:

@@ -25,6 +25,8 @@ the rows it looks up.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 from dataclasses import dataclass
 
 import torch
@@ -133,6 +135,28 @@ MANY_TOKENS = 16
 ROWS_PER_SLICE = 4096  # bounds the bfloat16 temporary of a many-token pass
 
 
+# A pass that packs several streams' tokens (sinkstream.batch) sets, per row count of the activations it
+# multiplies (all tokens; the rows that get logits), which rows come from a stream passing fewer than
+# MANY_TOKENS tokens. Those rows take the kernel path and the others the matrix multiply, as each stream
+# would alone: a stream's numbers do not depend on who shares its pass.
+_ROW_GROUPS: contextvars.ContextVar = contextvars.ContextVar("sinkstream_row_groups", default=None)
+
+
+@contextlib.contextmanager
+def rows_by_stream(sizes: list[int], rows: list[int] | None = None):
+    """Within the block, a quantized linear layer multiplying the packed tokens of streams of `sizes` tokens
+    (or the `rows` of them that get logits) computes each stream's rows as it would for that stream alone."""
+    few = torch.tensor([n < MANY_TOKENS for n in sizes for _ in range(n)])
+    groups = {few.numel(): few}
+    if rows is not None and len(rows) != few.numel():
+        groups[len(rows)] = few[torch.tensor(rows, dtype=torch.long)] if rows else few[:0]
+    token = _ROW_GROUPS.set(groups)
+    try:
+        yield
+    finally:
+        _ROW_GROUPS.reset(token)
+
+
 def _backend(device: torch.device, fused: bool | None) -> str:
     """"qmm": our int8-activation kernels (sinkstream.kernels); "torch": torch's packed CPU kernels with
     bfloat16 activations (where ours are not built); "dequant": de-quantized weights, plain matmul."""
@@ -202,10 +226,28 @@ class QuantLinear(nn.Module):
         return y if self.bias is None else y + self.bias
 
     def _qmm(self, x: torch.Tensor) -> torch.Tensor:
+        groups = _ROW_GROUPS.get()
+        few = groups.get(x.shape[0]) if groups is not None else None
+        if few is None:
+            return self._few(x) if x.shape[0] < MANY_TOKENS else self._many(x)
+        if bool(few.all()):
+            return self._few(x)
+        if not bool(few.any()):
+            return self._many(x)
+        y = torch.empty(x.shape[0], self.out_features, dtype=torch.float32)
+        y[few] = self._few(x[few])
+        y[~few] = self._many(x[~few])
+        return y
+
+    def _few(self, x: torch.Tensor) -> torch.Tensor:
+        """Our kernels: activations quantized to int8 per 32-column block, row by row."""
         ops = torch.ops.sinkstream
-        if x.shape[0] < MANY_TOKENS:
-            x = x.float().contiguous()
-            return ops.q4_mm(x, self.qs, self.d, self.m) if self.kind == "int4" else ops.q8_mm(x, self.qs, self.d)
+        x = x.float().contiguous()
+        return ops.q4_mm(x, self.qs, self.d, self.m) if self.kind == "int4" else ops.q8_mm(x, self.qs, self.d)
+
+    def _many(self, x: torch.Tensor) -> torch.Tensor:
+        """A bfloat16 matrix multiply over de-quantized slices of rows."""
+        ops = torch.ops.sinkstream
         xb = x.to(torch.bfloat16)
         n = self.out_features
         y = torch.empty(x.shape[0], n, dtype=torch.float32)

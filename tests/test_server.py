@@ -33,6 +33,7 @@ def server(model_dir, tmp_path_factory):
     srv = Server("--model", str(model_dir), "--model-name", "tiny", "--api-key", KEY,
                  "--state-dir", str(tmp_path_factory.mktemp("state")), "--sinks", "4", "--window", "60",
                  "--max-tokens", str(MAX_TOKENS), "--max-body-bytes", "65536", "--max-queue", "1",
+                 "--max-batch", "1",  # one request at a time: the queue tests below fill the queue with two
                  "--max-live-sessions", "2", "--max-sessions", str(MAX_SESSIONS), "--max-prompt-tokens", "3000")
     yield srv
     srv.stop()

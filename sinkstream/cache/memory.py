@@ -55,11 +55,12 @@ from pathlib import Path
 
 import torch
 
-from . import CacheConfig, LayerSpec, StreamCache
 from .blockstore import BlockStore, fsync_dir
+from .config import CacheConfig, LayerSpec
 from .kv import KVBuffer
 from .memory_index import BlockIndex, Voters, _reassign, level_shape
 from .plan import Plan, RingSlots
+from .stream import StreamCache
 
 REP_KEYS = 4       # representative keys per block and kv head, representative="attention"
 PAGE_BUDGET_SHARE = 8  # super-blocks' block keys may use memory_budget / 8 of RAM before spilling

@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from .. import kernels
+from ..attention import Packed
 from ..cache import CacheConfig, LayerSpec, make_cache
 
 
@@ -71,10 +72,22 @@ class CausalLM(nn.Module):
             from ..cache import StreamCache
             cache = StreamCache(CacheConfig("dense"), self.layer_specs(), batch=input_ids.shape[0],
                                 dtype=self.dtype, device=self.device, max_context=input_ids.shape[1])
-        plans = cache.begin(input_ids.shape[1])
-        return self.forward_layers(input_ids, cache.layers, plans, last_only).float()
+        n = input_ids.shape[1]
+        plans = cache.begin(n)
+        return self.forward_layers(input_ids, cache.layers, plans, slice(n - 1, n) if last_only else None).float()
 
-    def forward_layers(self, input_ids, kv_layers, plans, last_only: bool = False) -> torch.Tensor:
+    def forward_packed(self, input_ids: torch.Tensor, bounds: list[int], layers: list[list], plans: list[list],
+                       rows: torch.Tensor | None = None) -> torch.Tensor:
+        """One pass over several caches' new tokens packed along the sequence axis: input_ids [1, N], cache i's
+        tokens at ``bounds[i]:bounds[i + 1]``, ``layers[i]``/``plans[i]`` its layer caches and the plans its
+        `begin` returned for this pass -> float32 logits [1, len(rows), vocab] (every position when rows is None).
+        """
+        packed = [Packed(bounds, [ls[j] for ls in layers], [ps[j] for ps in plans]) for j in range(len(layers[0]))]
+        return self.forward_layers(input_ids, packed, [None] * len(packed), rows).float()
+
+    def forward_layers(self, input_ids, kv_layers, plans, rows=None) -> torch.Tensor:
+        """Logits [batch, n or len(rows), vocab] for the positions `rows` selects (None: all), in the
+        model's dtype; each layer attends through ``cached_attention(kv_layers[i], plans[i], ...)``."""
         raise NotImplementedError
 
     def prepare_state_dict(self, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..attention import attend
+from ..attention import cached_attention
 from ..cache import LayerSpec
 from ..rope import RopeConfig, Rotary
 from . import register
@@ -104,8 +104,7 @@ class Attention(nn.Module):
     def forward(self, x, kv, plan):
         b, n, _ = x.shape
         q, k, v = self.split(self.query_key_value(x))
-        k, v = kv.update(k, v, plan)
-        o = attend(q, k, v, plan, scale=self.head_dim ** -0.5, rotary=self._rotary[0], alibi_slopes=self.alibi)
+        o = cached_attention(kv, plan, q, k, v, scale=self.head_dim ** -0.5, rotary=self._rotary[0], alibi_slopes=self.alibi)
         return self.dense(o.transpose(1, 2).reshape(b, n, -1))
 
 
@@ -174,9 +173,9 @@ class FalconForCausalLM(CausalLM):
         c = self.config
         return [LayerSpec(c.num_kv_heads, c.head_dim, rotary=self.rotary) for _ in range(c.num_hidden_layers)]
 
-    def forward_layers(self, input_ids, kv_layers, plans, last_only=False):
+    def forward_layers(self, input_ids, kv_layers, plans, rows=None):
         x = self.transformer.word_embeddings(input_ids)
         for layer, kv, plan in zip(self.transformer.h, kv_layers, plans):
             x = layer(x, kv, plan)
-        x = x[:, -1:] if last_only else x
+        x = x if rows is None else x[:, rows]
         return self.lm_head(self.transformer.ln_f(x))

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..attention import attend
+from ..attention import cached_attention
 from ..cache import LayerSpec
 from ..errors import UnsupportedModelError
 from ..quant import projections
@@ -111,8 +111,7 @@ class Attention(nn.Module):
         q = self.q_norm(q.view(b, n, self.heads, self.head_dim).transpose(1, 2))
         k = self.k_norm(k.view(b, n, self.kv_heads, self.head_dim).transpose(1, 2))
         v = v.view(b, n, self.kv_heads, self.head_dim).transpose(1, 2)
-        k, v = kv.update(k, v, plan)
-        o = attend(q, k, v, plan, scale=self.scale, rotary=self._rotary[0])
+        o = cached_attention(kv, plan, q, k, v, scale=self.scale, rotary=self._rotary[0])
         return self.o_proj(o.transpose(1, 2).reshape(b, n, -1))
 
 
@@ -183,13 +182,13 @@ class Gemma3ForCausalLM(CausalLM):
                           rotary=self.rotary_local if t == SLIDING else self.rotary_global)
                 for t in c.layer_types]
 
-    def forward_layers(self, input_ids, kv_layers, plans, last_only=False):
+    def forward_layers(self, input_ids, kv_layers, plans, rows=None):
         x = self.model.embed_tokens(input_ids)
         # sqrt(hidden), rounded to the weights' dtype as the reference implementation does
         x = x * float(torch.tensor(self.config.hidden_size ** 0.5, dtype=x.dtype))
         for layer, kv, plan in zip(self.model.layers, kv_layers, plans):
             x = layer(x, kv, plan)
-        x = x[:, -1:] if last_only else x
+        x = x if rows is None else x[:, rows]
         logits = self.lm_head(self.model.norm(x))
         cap = self.config.final_logit_softcapping
         return logits if cap is None else torch.tanh(logits / cap) * cap

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 import torch.nn.functional as F
 from torch import nn
 
-from ..attention import attend
+from ..attention import cached_attention
 from ..cache import LayerSpec
 from ..rope import RopeConfig, Rotary
 from . import register
@@ -64,8 +64,7 @@ class Attention(nn.Module):
         b, n, _ = x.shape
         qkv = self.query_key_value(x).view(b, n, self.heads, 3 * self.head_dim).transpose(1, 2)
         q, k, v = qkv.chunk(3, dim=-1)  # each [batch, heads, n, head_dim]
-        k, v = kv.update(k, v, plan)
-        o = attend(q, k, v, plan, scale=self.head_dim ** -0.5, rotary=self._rotary[0])
+        o = cached_attention(kv, plan, q, k, v, scale=self.head_dim ** -0.5, rotary=self._rotary[0])
         return self.dense(o.transpose(1, 2).reshape(b, n, -1))
 
 
@@ -128,9 +127,9 @@ class GPTNeoXForCausalLM(CausalLM):
         c = self.config
         return [LayerSpec(c.num_attention_heads, c.head_dim, rotary=self.rotary) for _ in range(c.num_hidden_layers)]
 
-    def forward_layers(self, input_ids, kv_layers, plans, last_only=False):
+    def forward_layers(self, input_ids, kv_layers, plans, rows=None):
         x = self.gpt_neox.embed_in(input_ids)
         for layer, kv, plan in zip(self.gpt_neox.layers, kv_layers, plans):
             x = layer(x, kv, plan)
-        x = x[:, -1:] if last_only else x
+        x = x if rows is None else x[:, rows]
         return self.embed_out(self.gpt_neox.final_layer_norm(x))

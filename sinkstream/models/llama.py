@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch.nn.functional as F
 from torch import nn
 
-from ..attention import attend
+from ..attention import cached_attention
 from ..cache import LayerSpec
 from ..quant import projections
 from ..rope import RopeConfig, Rotary
@@ -81,8 +81,7 @@ class Attention(nn.Module):
         v = v.view(b, n, self.kv_heads, self.head_dim).transpose(1, 2)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        k, v = kv.update(k, v, plan)
-        o = attend(q, k, v, plan, scale=self.head_dim ** -0.5, rotary=self._rotary[0])
+        o = cached_attention(kv, plan, q, k, v, scale=self.head_dim ** -0.5, rotary=self._rotary[0])
         return self.o_proj(o.transpose(1, 2).reshape(b, n, -1))
 
 
@@ -144,9 +143,9 @@ class LlamaForCausalLM(CausalLM):
         return [LayerSpec(c.num_key_value_heads, c.head_dim, sliding_window=c.sliding_window, rotary=self.rotary)
                 for _ in range(c.num_hidden_layers)]
 
-    def forward_layers(self, input_ids, kv_layers, plans, last_only=False):
+    def forward_layers(self, input_ids, kv_layers, plans, rows=None):
         x = self.model.embed_tokens(input_ids)
         for layer, kv, plan in zip(self.model.layers, kv_layers, plans):
             x = layer(x, kv, plan)
-        x = x[:, -1:] if last_only else x
+        x = x if rows is None else x[:, rows]
         return self.lm_head(self.model.norm(x))

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..attention import attend
+from ..attention import cached_attention
 from ..cache import LayerSpec
 from ..errors import UnsupportedModelError
 from . import register
@@ -82,8 +82,7 @@ class Attention(nn.Module):
         if self.clip:
             qkv = qkv.clamp(-self.clip, self.clip)
         q, k, v = (t.view(b, n, self.heads, self.head_dim).transpose(1, 2) for t in qkv.chunk(3, dim=-1))
-        k, v = kv.update(k, v, plan)
-        o = attend(q, k, v, plan, scale=self.scale, alibi_slopes=slopes)
+        o = cached_attention(kv, plan, q, k, v, scale=self.scale, alibi_slopes=slopes)
         return self.out_proj(o.transpose(1, 2).reshape(b, n, -1))
 
 
@@ -137,9 +136,9 @@ class MptForCausalLM(CausalLM):
         c = self.config
         return [LayerSpec(c.num_attention_heads, c.head_dim) for _ in range(c.num_hidden_layers)]
 
-    def forward_layers(self, input_ids, kv_layers, plans, last_only=False):
+    def forward_layers(self, input_ids, kv_layers, plans, rows=None):
         x = self.transformer.wte(input_ids)
         for layer, kv, plan in zip(self.transformer.blocks, kv_layers, plans):
             x = layer(x, kv, plan, self.alibi_slopes)
-        x = x[:, -1:] if last_only else x
+        x = x if rows is None else x[:, rows]
         return self.lm_head(self.transformer.norm_f(x))

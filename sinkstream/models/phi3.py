@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from ..attention import attend
+from ..attention import cached_attention
 from ..rope import RopeConfig, Rotary
 from . import register
 from . import llama
@@ -55,8 +55,7 @@ class Attention(nn.Module):
         b, n, _ = x.shape
         qkv = self.qkv_proj(x).view(b, n, self.heads + 2 * self.kv_heads, self.head_dim).transpose(1, 2)
         q, k, v = qkv.split([self.heads, self.kv_heads, self.kv_heads], dim=1)
-        k, v = kv.update(k, v, plan)
-        o = attend(q, k, v, plan, scale=self.head_dim ** -0.5, rotary=self._rotary[0])
+        o = cached_attention(kv, plan, q, k, v, scale=self.head_dim ** -0.5, rotary=self._rotary[0])
         return self.o_proj(o.transpose(1, 2).reshape(b, n, -1))
 
 

@@ -24,6 +24,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
 
+from ..batch import Batcher
 from ..cache import CacheConfig
 from ..errors import SinkstreamError
 from ..sampling import SamplingConfig
@@ -61,6 +62,7 @@ class ServerState:
         self.engine: Engine | None = None
         self.error: str | None = None
         self.tmp: tempfile.TemporaryDirectory | None = None
+        self.batcher: Batcher | None = None
 
     def load(self, loader: Callable, on_error: Callable[[str], None]) -> None:
         s = self.settings
@@ -73,7 +75,11 @@ class ServerState:
                 folder = self.tmp.name
             store = SessionStore(folder, model, tokenizer, model_id=s.model_id, cache_config=s.cache,
                                  sampling=s.sampling, max_live=s.limits.max_live, max_sessions=s.limits.max_sessions)
-            worker = Worker(s.limits.max_queue, on_cancel=self.metrics.cancel)
+            self.batcher = Batcher(model, prefill_budget=s.limits.prefill_budget,
+                                   on_step=lambda st: self.metrics.step(st.feeds, st.seconds))
+            worker = Worker(s.limits.max_queue, threads=s.limits.max_batch, runner=self.batcher,
+                            on_cancel=self.metrics.cancel,
+                            on_start=lambda job: self.metrics.started(time.perf_counter() - job.submitted))
             self.engine = Engine(model, tokenizer, model_id=s.model_id, cache_config=s.cache, store=store,
                                  worker=worker, metrics=self.metrics, max_prompt_tokens=s.limits.max_prompt_tokens)
         except Exception as e:  # noqa: BLE001 - reported on /health and by the CLI
@@ -94,7 +100,9 @@ class ServerState:
         return {"sinkstream_ready": ("1 once the model is loaded.", 1),
                 "sinkstream_sessions_live": ("Sessions held in memory.", e.store.count_live()),
                 "sinkstream_sessions_on_disk": ("Sessions saved in the state folder.", e.store.count_on_disk()),
-                "sinkstream_queue_depth": ("Requests waiting for the generation worker.", e.worker.depth),
+                "sinkstream_queue_depth": ("Requests waiting for a request thread.", e.worker.depth),
+                "sinkstream_requests_running": ("Requests being answered (their passes batched).",
+                                                e.worker.active),
                 "sinkstream_cache_tokens_cached": ("KV tokens held by the live sessions.", t["cached"]),
                 "sinkstream_cache_tokens_capacity": ("KV capacity of the live sessions.", t["capacity"]),
                 "sinkstream_cache_fill_ratio": ("cached / capacity over the live sessions.",
@@ -219,6 +227,8 @@ def create_app(settings: Settings, *, loader: Callable | None = None,
         yield
         if state.engine is not None:
             state.engine.worker.stop()
+        if state.batcher is not None:
+            state.batcher.close()
         if state.tmp is not None:
             state.tmp.cleanup()
 

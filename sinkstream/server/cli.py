@@ -24,7 +24,12 @@ def register(subparsers) -> None:
     p.add_argument("--max-tokens", type=int, default=4096, help="largest max_tokens one request may ask for")
     p.add_argument("--max-prompt-tokens", type=int, default=32768, help="new prompt tokens per request")
     p.add_argument("--max-body-bytes", type=int, default=4 << 20, help="larger request bodies get 413")
-    p.add_argument("--max-queue", type=int, default=8, help="requests waiting for the worker; more get 503")
+    p.add_argument("--max-batch", type=int, default=8,
+                   help="requests answered at once, their forward passes batched (1: one at a time)")
+    p.add_argument("--prefill-budget", type=int, default=64,
+                   help="prompt tokens per batched step beside decoding requests (a long prompt is fed in such "
+                        "chunks, so the others keep streaming)")
+    p.add_argument("--max-queue", type=int, default=8, help="requests waiting beyond --max-batch; more get 503")
     p.add_argument("--max-live-sessions", type=int, default=8, help="sessions kept in memory (LRU)")
     p.add_argument("--max-sessions", type=int, default=1000, help="sessions kept in all (memory + disk)")
     p.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"])
@@ -71,13 +76,13 @@ def serve(args) -> int:
     A.check_device(args.device)
     if args.state_dir is not None:
         _check_state_dir(Path(args.state_dir))
-    for flag in ("max_tokens", "max_prompt_tokens", "max_body_bytes", "max_queue", "max_live_sessions",
-                 "max_sessions"):
+    for flag in ("max_tokens", "max_prompt_tokens", "max_body_bytes", "max_queue", "max_batch", "prefill_budget",
+                 "max_live_sessions", "max_sessions"):
         if getattr(args, flag) < 1:
             raise SinkstreamError(f"--{flag.replace('_', '-')} must be at least 1")
     limits = Limits(max_tokens=args.max_tokens, max_prompt_tokens=args.max_prompt_tokens,
-                    max_body_bytes=args.max_body_bytes, max_queue=args.max_queue,
-                    max_live=args.max_live_sessions, max_sessions=args.max_sessions)
+                    max_body_bytes=args.max_body_bytes, max_queue=args.max_queue, max_batch=args.max_batch,
+                    prefill_budget=args.prefill_budget, max_live=args.max_live_sessions, max_sessions=args.max_sessions)
     settings = Settings(model=args.model, model_id=args.model_name or settings_id(args.model), device=args.device,
                         dtype=args.dtype, quant=args.quant, cache=A.cache_config(args),
                         sampling=A.sampling_config(args), state_dir=args.state_dir, api_key=args.api_key or None,

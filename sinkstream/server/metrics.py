@@ -50,6 +50,9 @@ class Metrics:
         self.rejected = 0
         self.ttft = Histogram()
         self.itl = Histogram((0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0))
+        self.queue_wait = Histogram()
+        self.batch_size = Histogram((1, 2, 4, 8, 16, 32, 64, 128))
+        self.step_seconds = Histogram()
 
     def request(self, path: str, method: str, status: int) -> None:
         with self.lock:
@@ -76,6 +79,17 @@ class Metrics:
         with self.lock:
             self.itl.observe(seconds)
 
+    def started(self, waited: float) -> None:
+        """A request left the queue for a request thread after `waited` seconds."""
+        with self.lock:
+            self.queue_wait.observe(waited)
+
+    def step(self, streams: int, seconds: float) -> None:
+        """One batched forward pass advanced `streams` requests in `seconds`."""
+        with self.lock:
+            self.batch_size.observe(streams)
+            self.step_seconds.observe(seconds)
+
     def render(self, gauges: dict[str, tuple[str, float]]) -> str:
         """Text for /metrics; `gauges`: name -> (help, value)."""
         with self.lock:
@@ -98,6 +112,12 @@ class Metrics:
             out += ["# HELP sinkstream_inter_token_latency_seconds Time between consecutive generated tokens.",
                     "# TYPE sinkstream_inter_token_latency_seconds histogram"]
             out += self.itl.lines("sinkstream_inter_token_latency_seconds")
+            for name, help_, hist in (
+                    ("sinkstream_queue_wait_seconds", "From accepting a request to a request thread taking it.",
+                     self.queue_wait),
+                    ("sinkstream_batch_size", "Requests advanced by one batched forward pass.", self.batch_size),
+                    ("sinkstream_batch_step_seconds", "Duration of one batched forward pass.", self.step_seconds)):
+                out += [f"# HELP {name} {help_}", f"# TYPE {name} histogram"] + hist.lines(name)
         for name, (help_, value) in sorted(gauges.items()):
             out += [f"# HELP {name} {help_}", f"# TYPE {name} gauge", f"{name} {value:g}"]
         return "\n".join(out) + "\n"

@@ -114,6 +114,8 @@ class Limits:
     max_prompt_tokens: int = 32768    # new tokens per request
     max_body_bytes: int = 4 << 20
     max_queue: int = 8
+    max_batch: int = 8                # requests generating at once, their forward passes batched
+    prefill_budget: int = 64          # prompt tokens per batched step beside decoding requests
     max_live: int = 8
     max_sessions: int = 1000
 

@@ -1,9 +1,12 @@
-"""One generation thread fed by a bounded queue.
+"""Request threads fed by a bounded queue; their forward passes are batched by one `Batcher`.
 
-torch on one device gains nothing from several Python threads decoding at once, so every request that
-touches the model runs, in turn, on one worker thread. The HTTP side talks to a `Job` only through its
-event queue (worker -> event loop) and its cancel flag (event loop -> worker, checked between tokens and
-between prefill chunks).
+Up to ``threads`` requests run at once, each on its own thread: it checks the request, drives its session
+(replay, generation, the save after the turn) and talks to its client. Every forward pass they need goes
+through the `Batcher` set for the thread (`sinkstream.batch.using`), whose single thread runs the passes of
+all running requests together; the torch work of a batch stays on that thread. A save runs on the
+request's thread, off the batch's path. More requests wait in the queue (``max_queue``; beyond it, 503).
+The HTTP side talks to a `Job` only through its event queue (request thread -> event loop) and its cancel
+flag (event loop -> request thread, checked between tokens and between prefill chunks).
 """
 from __future__ import annotations
 
@@ -35,7 +38,7 @@ class Event:
     error: ApiError | None = None
 
 
-@dataclass
+@dataclass(eq=False)  # hashed by identity: the worker keeps a set of running jobs
 class Job:
     run: Callable[["Job"], Event]   # runs on the worker thread, emits "start"/"delta", returns the last event
     loop: asyncio.AbstractEventLoop
@@ -60,16 +63,25 @@ class Job:
 
 
 class Worker:
-    def __init__(self, max_queue: int = 8, *, on_cancel: Callable[[], None] = lambda: None):
+    def __init__(self, max_queue: int = 8, *, threads: int = 1, runner=None,
+                 on_cancel: Callable[[], None] = lambda: None, on_start: Callable[[Job], None] = lambda job: None):
         self.queue: queue.Queue[Job | None] = queue.Queue(maxsize=max(1, max_queue))
-        self.on_cancel = on_cancel
-        self.current: Job | None = None
-        self.thread = threading.Thread(target=self._loop, name="sinkstream-generate", daemon=True)
-        self.thread.start()
+        self.on_cancel, self.on_start, self.runner = on_cancel, on_start, runner
+        self.running: set[Job] = set()
+        self.lock = threading.Lock()
+        self.threads = [threading.Thread(target=self._loop, name=f"sinkstream-request-{i}", daemon=True)
+                        for i in range(max(1, threads))]
+        for t in self.threads:
+            t.start()
 
     @property
     def depth(self) -> int:
         return self.queue.qsize()
+
+    @property
+    def active(self) -> int:
+        with self.lock:
+            return len(self.running)
 
     def submit(self, job: Job) -> None:
         try:
@@ -90,18 +102,30 @@ class Worker:
                 job.cancel()
                 self._finish(job)
                 job.emit(Event("error", error=ApiError(503, "the server is shutting down", code="shutting_down")))
-        if self.current is not None:
-            self.current.cancel()
-        try:
-            self.queue.put(None, timeout=5)
-        except queue.Full:  # a request slipped in meanwhile; the thread is a daemon and ends with the process
-            return
-        self.thread.join(timeout=10)
+        with self.lock:
+            for job in self.running:
+                job.cancel()
+        for _ in self.threads:
+            try:
+                self.queue.put(None, timeout=5)
+            except queue.Full:  # a request slipped in meanwhile; the threads are daemons and end with the process
+                return
+        for t in self.threads:
+            t.join(timeout=10)
 
     def _loop(self) -> None:
+        if self.runner is None:
+            return self._serve()
+        from ..batch import using
+        with using(self.runner):
+            return self._serve()
+
+    def _serve(self) -> None:
         while (job := self.queue.get()) is not None:
-            self.current = job
+            with self.lock:
+                self.running.add(job)
             try:
+                self.on_start(job)
                 job.check()
                 last = job.run(job)
             except Cancelled:
@@ -119,7 +143,8 @@ class Worker:
                 log.exception("generation failed")
                 last = Event("error", error=ApiError(500, f"generation failed: {type(e).__name__}: {e}",
                                                      code="generation_failed"))
-            self.current = None
+            with self.lock:
+                self.running.discard(job)
             self._finish(job)  # release the session before the client hears the end and sends its next turn
             job.emit(last)
 

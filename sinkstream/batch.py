@@ -1,0 +1,339 @@
+"""Forward passes shared by many caches: the one path by which tokens reach a model, for one stream or many.
+
+A `Feed` is tokens waiting to go into one cache: a prompt (fed in chunks) or one decoded token. `step` runs one
+forward pass that advances several feeds: the planned caches' next chunks are packed along the sequence axis
+(`CausalLM.forward_packed`), so embeddings, linear layers, norms and the output projection run over every
+stream's tokens at once and each weight is read once per step instead of once per stream. Attention runs per
+cache (`attention.cached_attention`): each keeps its own buffers, plan and positions, so a cache that is still
+filling, a prefill chunk, a memory cache's recall and a full sink cache share one pass with no padding and no
+mask (nothing is ever left-padded into a ring, where padding would become a sink).
+
+Who calls `step` is the runner's business:
+
+* `Direct` steps one feed in the calling thread (the CLI, eval and one Python stream).
+* `Batcher` owns a thread that steps every feed submitted from any thread together (continuous batching).
+  Streams join and leave between steps. A step waits a moment (`gather`) for every stream that is generating
+  (`Batcher.stream`) to hand in its next token, so they decode together. Prompt chunks go beside the decode
+  tokens under a per-step budget (`prefill_budget`), so a long prompt delays the others by at most one
+  chunk of that size per step; with no stream decoding, a prompt goes in chunks of its cache's chunk size.
+
+`runner_for(model)` is the runner set for the current context (`using`), `DIRECT` otherwise. Caches' `run`
+and `generate.stream_tokens` go through it, so sessions, the server, eval and the Python API share one path.
+Sampling runs on the stepping thread too (a feed's `then`), so all torch work of a batch stays on one thread.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from .errors import EmptyInputError, SinkstreamError
+from .quant import rows_by_stream
+
+PREFILL_BUDGET = 64  # prompt tokens per step beside decoding streams: about one decode step's time on a CPU
+GATHER_SECONDS = 0.005  # how long a step waits for generating streams to hand in their next token
+
+
+class BadTokenError(SinkstreamError, ValueError):
+    """Token ids outside the model's vocabulary."""
+
+
+@dataclass(eq=False)
+class Feed:
+    """Tokens [batch, n] waiting to go into `cache`. ``logits``: "last" (the last position's) or "all";
+    ``then`` maps the logits to the result on the stepping thread (e.g. a sampler); ``progress(done, n)``
+    is called after each chunk and may raise to stop the feed (the cache has taken the chunks before)."""
+    cache: object
+    ids: torch.Tensor
+    logits: str = "last"
+    progress: Callable | None = None
+    then: Callable | None = None
+    member: bool = False          # submitted by a generating stream (see Batcher.stream)
+    done: int = 0                 # tokens fed so far
+    outs: list = field(default_factory=list)
+    result: object = None
+    error: BaseException | None = None
+    finished: bool = False
+    event: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def remaining(self) -> int:
+        return self.ids.shape[1] - self.done
+
+    def fail(self, e: BaseException) -> None:
+        self.error, self.finished = e, True
+
+    def outcome(self):
+        if self.error is not None:
+            raise self.error
+        return self.result
+
+    def _finish(self) -> None:
+        """All tokens are in: the cache's end-of-run hook, the logits, then `then`."""
+        self.cache.after_run()
+        logits = self.outs[-1] if self.logits == "last" else torch.cat(self.outs, dim=1)
+        self.outs = []
+        self.result = self.then(logits) if self.then is not None else logits
+        self.finished = True
+
+
+def new_feed(model, cache, ids: torch.Tensor, *, logits: str = "last", progress=None, then=None,
+             member: bool = False) -> Feed:
+    """A checked `Feed`: ids [n] or [batch, n] moved to the model's device; empty input or ids outside the
+    vocabulary raise here, before any cache changes."""
+    ids = ids.view(1, -1) if ids.dim() == 1 else ids
+    if ids.shape[1] == 0:
+        raise EmptyInputError("empty input: there are no tokens to feed (the cache is unchanged)")
+    vocab = model.get_submodule(model.embedding_module).num_embeddings
+    lo, hi = int(ids.min()), int(ids.max())
+    if lo < 0 or hi >= vocab:
+        raise BadTokenError(f"token id {lo if lo < 0 else hi} is outside the model's vocabulary (0..{vocab - 1})")
+    return Feed(cache, ids.to(model.device), logits, progress, then, member)
+
+
+def _plan_chunks(feeds: list[Feed], budget: int | None) -> list[tuple[Feed, int]]:
+    """How many tokens each feed gives this step: decode tokens all; prompt chunks of at most the cache's
+    chunk size, and beside decode tokens at most `budget` prompt tokens in all (the first prompt always
+    advances by at least one token)."""
+    decode = [f for f in feeds if f.remaining == 1]
+    prompts = [f for f in feeds if f.remaining > 1]
+    parts = [(f, 1) for f in decode]
+    left = budget if (decode and budget is not None) else None
+    for i, f in enumerate(prompts):
+        n = min(f.remaining, f.cache.chunk_size())
+        if left is not None:
+            n = min(n, max(left, 1 if i == 0 else 0))
+            left -= n
+        if n > 0:
+            parts.append((f, n))
+    return parts
+
+
+@torch.inference_mode()
+def step(model, feeds: list[Feed], *, budget: int | None = None) -> None:
+    """Advance unfinished feeds by one chunk each (see the module docstring); feeds that complete get their
+    result, feeds that fail their error. Single-sequence feeds of planned caches share one forward pass;
+    a feed of several sequences gets a pass of its own; a cache that is not planned runs its feed whole."""
+    feeds = [f for f in feeds if not f.finished]
+    for f in feeds:
+        if not f.cache.planned:
+            _run_alone(model, f)
+    planned = [f for f in feeds if f.cache.planned]
+    singles = [f for f in planned if f.ids.shape[0] == 1]
+    if singles:
+        _pass(model, singles, budget)
+    for f in planned:
+        if f.ids.shape[0] > 1:
+            _pass(model, [f], budget)
+
+
+def _pass(model, feeds: list[Feed], budget: int | None) -> None:
+    parts, plans = [], []
+    for f, n in _plan_chunks(feeds, budget):
+        try:
+            plans.append(f.cache.begin(n))  # raises before changing anything (e.g. a dense cache is full)
+            parts.append((f, n))
+        except Exception as e:  # noqa: BLE001 - this feed's own failure; the others go on
+            f.fail(e)
+    if not parts:
+        return
+    bounds, rows = [0], []
+    for f, n in parts:
+        a = bounds[-1]
+        bounds.append(a + n)
+        if f.logits == "all":
+            rows.extend(range(a, a + n))
+        elif n == f.remaining:
+            rows.append(a + n - 1)
+    ids = torch.cat([f.ids[:, f.done:f.done + n] for f, n in parts], dim=1)
+    if len(parts) == 1:
+        f = parts[0][0]
+        sel = slice(rows[0], rows[-1] + 1) if rows else slice(0, 0)
+        logits = model.forward_layers(ids, f.cache.layers, plans[0], sel).float()
+    else:
+        sel = torch.tensor(rows, dtype=torch.long, device=ids.device)
+        with rows_by_stream([n for _, n in parts], rows):  # quantized layers: each stream's rows as alone
+            logits = model.forward_packed(ids, bounds, [f.cache.layers for f, _ in parts], plans, sel)
+    r = 0
+    for f, n in parts:
+        k = n if f.logits == "all" else int(n == f.remaining)
+        if k:
+            f.outs.append(logits[:, r:r + k])
+            r += k
+        f.done += n
+        try:
+            if f.progress is not None:
+                f.progress(f.done, f.ids.shape[1])
+            if f.remaining == 0:
+                f._finish()
+        except Exception as e:  # noqa: BLE001 - a cancelled or failing feed leaves; the others go on
+            f.fail(e)
+
+
+def _run_alone(model, f: Feed) -> None:
+    try:
+        logits = f.cache.run(model, f.ids, logits=f.logits, progress=f.progress)
+        f.outs = [logits]
+        f.done = f.ids.shape[1]
+        f.result = f.then(logits) if f.then is not None else logits
+        f.finished = True
+    except Exception as e:  # noqa: BLE001
+        f.fail(e)
+
+
+class Direct:
+    """Steps one feed at a time in the calling thread."""
+
+    def run(self, model, cache, ids: torch.Tensor, *, logits: str = "last", progress=None, then=None):
+        """Feed ids [n] or [batch, n] into `cache`; the logits (``then(logits)`` with `then`)."""
+        f = new_feed(model, cache, ids, logits=logits, progress=progress, then=then)
+        while not f.finished:
+            step(model, [f])
+        return f.outcome()
+
+    @contextlib.contextmanager
+    def stream(self) -> Iterator[None]:
+        yield
+
+
+DIRECT = Direct()
+_RUNNER: contextvars.ContextVar = contextvars.ContextVar("sinkstream_runner", default=None)
+
+
+def runner_for(model):
+    """The runner set by `using` in this context if it runs `model`, else `DIRECT`."""
+    r = _RUNNER.get()
+    return r if r is not None and r.model is model else DIRECT
+
+
+@contextlib.contextmanager
+def using(runner) -> Iterator[None]:
+    """Route this context's forward passes (for the runner's model) through `runner`."""
+    token = _RUNNER.set(runner)
+    try:
+        yield
+    finally:
+        _RUNNER.reset(token)
+
+
+@dataclass
+class StepStats:
+    feeds: int        # streams advanced by the step
+    tokens: int       # tokens it fed
+    seconds: float
+
+
+class Batcher:
+    """Continuous batching: one thread steps every feed submitted to `run` from any thread, together.
+
+    ``prefill_budget``: prompt tokens per step beside decoding streams. ``gather``: seconds a step waits for
+    the streams inside `stream` to hand in their next token. ``on_step(StepStats)`` is called after each step
+    (metrics). Use as a context manager, or call `close`.
+    """
+
+    def __init__(self, model, *, prefill_budget: int | None = PREFILL_BUDGET, gather: float = GATHER_SECONDS,
+                 on_step: Callable[[StepStats], None] | None = None):
+        self.model, self.prefill_budget, self.gather, self.on_step = model, prefill_budget, gather, on_step
+        self.cond = threading.Condition()
+        self.queue: list[Feed] = []
+        self.streams = 0              # threads inside `stream` (they come back every step)
+        self.closed = False
+        self.local = threading.local()
+        self.thread = threading.Thread(target=self._loop, name="sinkstream-batch", daemon=True)
+        self.thread.start()
+
+    def __enter__(self) -> "Batcher":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def run(self, model, cache, ids: torch.Tensor, *, logits: str = "last", progress=None, then=None):
+        """Like `Direct.run`, stepped on the batch thread together with everything else submitted."""
+        f = new_feed(model, cache, ids, logits=logits, progress=progress, then=then,
+                     member=getattr(self.local, "streaming", False))
+        with self.cond:
+            if self.closed:
+                raise SinkstreamError("the batch runner is closed")
+            self.queue.append(f)
+            self.cond.notify_all()
+        f.event.wait()
+        return f.outcome()
+
+    @contextlib.contextmanager
+    def stream(self) -> Iterator[None]:
+        """Mark this thread as a generating stream: steps wait (at most `gather`) for its next token."""
+        with self.cond:
+            self.streams += 1
+        self.local.streaming = True
+        try:
+            yield
+        finally:
+            self.local.streaming = False
+            with self.cond:
+                self.streams -= 1
+                self.cond.notify_all()
+
+    def close(self) -> None:
+        """Fail whatever waits and end the thread."""
+        with self.cond:
+            self.closed = True
+            self.cond.notify_all()
+        if threading.current_thread() is not self.thread:
+            self.thread.join(timeout=30)
+
+    def _loop(self) -> None:
+        while True:
+            with self.cond:
+                while not self.queue and not self.closed:
+                    self.cond.wait()
+                if self.closed:
+                    for f in self.queue:
+                        f.fail(SinkstreamError("the batch runner is closed"))
+                        f.event.set()
+                    self.queue.clear()
+                    return
+                deadline = time.monotonic() + self.gather
+                while sum(f.member for f in self.queue) < self.streams and not self.closed:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        break
+                    self.cond.wait(left)
+                feeds = list(self.queue)
+            before = {id(f): f.done for f in feeds}
+            t0 = time.perf_counter()
+            try:
+                step(self.model, feeds, budget=self.prefill_budget)
+            except BaseException as e:  # noqa: BLE001 - the pass itself failed: every feed in it fails
+                for f in feeds:
+                    if not f.finished:
+                        f.fail(e)
+            seconds = time.perf_counter() - t0
+            with self.cond:
+                self.queue = [f for f in self.queue if not f.finished]
+            advanced = [f for f in feeds if f.done != before[id(f)]]
+            for f in feeds:
+                if f.finished:
+                    f.event.set()
+            if self.on_step is not None and advanced:
+                self.on_step(StepStats(len(advanced), sum(f.done - before[id(f)] for f in advanced), seconds))
+
+
+def map_batched(model, fn: Callable, items, *, max_batch: int = 8, **batcher_kw) -> list:
+    """``[fn(item) for item in items]`` with up to `max_batch` calls running at once in threads whose forward
+    passes for `model` are batched together (a `Batcher`). `fn` may use any of the core's APIs
+    (`generate`, `Session.chat`, ...). Results in order; the first exception is raised."""
+    from concurrent.futures import ThreadPoolExecutor
+    items = list(items)
+    with Batcher(model, **batcher_kw) as batcher:
+        def call(item):
+            with using(batcher):
+                return fn(item)
+        with ThreadPoolExecutor(max_workers=max(1, min(max_batch, len(items) or 1)),
+                                thread_name_prefix="sinkstream-stream") as pool:
+            return list(pool.map(call, items))
