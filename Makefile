@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml requirements-dev.txt 2>/dev/null | cksum | cut -d' ' -f1)
 
-.PHONY: demo test test-all install bench clean
+.PHONY: demo test test-all install browser bench clean
 
 $(STAMP): pyproject.toml requirements-dev.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -23,13 +23,28 @@ $(STAMP): pyproject.toml requirements-dev.txt
 
 install: $(STAMP)
 
+# Headless Chromium + chromedriver from Debian's packages, for tests/test_page.py. Tried once per venv (the
+# stamp); needs root (sudo -n where there is sudo). Where it cannot install, the browser test is SKIPPED.
+BROWSER_STAMP := $(VENV)/.browser-tried
+$(BROWSER_STAMP): | $(STAMP)
+	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then :; else \
+	  SUDO=; [ "$$(id -u)" = 0 ] || ! command -v sudo >/dev/null || SUDO="sudo -n"; \
+	  echo "installing chromium and chromium-driver for the browser test (once)"; \
+	  { $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq \
+	      chromium chromium-driver; } >$(VENV)/browser-install.log 2>&1 \
+	  || echo "could not install chromium/chromium-driver (see $(VENV)/browser-install.log): tests/test_page.py's browser test will be SKIPPED"; \
+	fi
+	@touch $@
+
+browser: $(BROWSER_STAMP)
+
 demo: $(STAMP)
 	$(BIN)/python -m sinkstream.demo
 
-test: $(STAMP)
+test: $(STAMP) $(BROWSER_STAMP)
 	$(BIN)/python -m pytest -q
 
-test-all: $(STAMP)
+test-all: $(STAMP) $(BROWSER_STAMP)
 	$(BIN)/python -m pytest -q -m ""
 
 clean:

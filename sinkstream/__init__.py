@@ -5,13 +5,18 @@
     s = sinkstream.Session(model, tokenizer, sinkstream.CacheConfig("sink", sinks=4, window=1020))
     for r in s.chat("Tell me a story"):
         print(r.text, end="", flush=True)
+
+    replies = sinkstream.generate_batch(model, tokenizer, ["Hi", "Name a colour"])  # decoded together
+
+Sessions (or anything else calling the core) run batched with `sinkstream.batch.map_batched`.
 """
 from .cache import CacheConfig
 from .errors import SinkstreamError
-from .generate import generate, stream_generate
+from .generate import generate, generate_batch, stream_generate
 from .loading import load
 from .sampling import SamplingConfig
 from .session import Session
 
-__all__ = ["load", "Session", "CacheConfig", "SamplingConfig", "stream_generate", "generate", "SinkstreamError"]
+__all__ = ["load", "Session", "CacheConfig", "SamplingConfig", "stream_generate", "generate", "generate_batch",
+           "SinkstreamError"]
 __version__ = "0.1.0"

@@ -209,3 +209,13 @@ def test_int4_streams_decode_the_same_beside_a_long_prompt():
     sizes = []
     assert map_batched(model, run, jobs, prefill_budget=20, on_step=sizes.append) == alone
     assert any(st.tokens > st.feeds for st in sizes if st.feeds > 1)  # a prompt chunk shared a pass
+
+
+def test_generate_batch_equals_generate(real):
+    import sinkstream
+    model, tok = real
+    prompts = ["The capital of Italy is", "Water boils at", "My favourite book"]
+    want = [sinkstream.generate(model, tok, p, max_tokens=12) for p in prompts]
+    assert sinkstream.generate_batch(model, tok, prompts, max_tokens=12) == want
+    with pytest.raises(ValueError):
+        sinkstream.generate_batch(model, tok, prompts, cache=model.make_cache())

@@ -18,7 +18,7 @@ from sinkstream import CacheConfig  # noqa: E402
 from sinkstream.server.app import Settings, create_app  # noqa: E402
 from sinkstream.server.schemas import Limits  # noqa: E402
 
-EXAMPLES = 12  # per operation; the app has 9
+EXAMPLES = 12  # per operation; the app has 10
 
 
 def server_settings(state_dir: str | None = None) -> Settings:

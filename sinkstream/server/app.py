@@ -31,6 +31,7 @@ from ..sampling import SamplingConfig
 from .engine import Engine
 from .errors import ApiError, validation_error
 from .metrics import Metrics
+from .page import add_page_routes
 from .responses import Reply, error_response, sse
 from .schemas import ChatCompletionRequest, CompletionRequest, Limits, SessionCreate, to_turn
 from .sessions import SessionStore, check_id
@@ -178,7 +179,7 @@ class _TooLarge(StarletteHTTPException):
 
 
 KNOWN_PATHS = {"/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/completions", "/v1/sessions",
-               "/v1/sessions/{id}", "/openapi.json"}
+               "/v1/sessions/{id}", "/openapi.json", "/"}
 
 
 LOOPBACK_ORIGIN = r"https?://(localhost|127\.0\.0\.1|\[::1\])(:\d+)?"
@@ -363,6 +364,8 @@ def create_app(settings: Settings, *, loader: Callable | None = None,
         store = state.need().store
         store.delete(check_id(session_id))
         return {"id": session_id, "object": "session.deleted", "deleted": True}
+
+    add_page_routes(app, state)  # the web page at / and GET /v1/sessions/{id}/cache (server/page.py)
 
     app.openapi = lambda: _document(app, settings)
     app.add_middleware(Guard, state=state)

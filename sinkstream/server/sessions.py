@@ -38,6 +38,7 @@ from safetensors import SafetensorError
 from ..cache import CacheConfig
 from ..session import Session, saved_log_folder
 from .errors import ApiError, bad_request
+from .layout import disk_layout, session_layout
 
 SUFFIX = ".safetensors"
 SESSION_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # no dots or slashes: never a path outside the folder
@@ -238,9 +239,10 @@ class SessionStore:
             self.busy.discard(sid)
 
     # --- inspection -----------------------------------------------------------------------------------
-    def describe(self, sid: str, *, messages: bool = False) -> dict:
+    def describe(self, sid: str, *, messages: bool = False, layout: bool = False) -> dict:
         """What a client may see of a session, as of its last completed turn: the view published by the
-        thread that ran it, or the file's header (no tensors read). Any thread; never touches a live Session."""
+        thread that ran it, or the file's header (no tensors read). Any thread; never touches a live Session.
+        ``layout=True`` adds ``"layout"``: the cache layout (`sinkstream.server.layout`) of that turn."""
         with self.lock:
             view = self.views.get(sid)
         in_memory = view is not None
@@ -254,14 +256,17 @@ class SessionStore:
                "cache_bytes": stats.get("cache_bytes", 0), "cache": view["cache"]}
         if messages:
             out["recent_messages"] = view["messages"][-RECENT_MESSAGES:]
+        if layout:
+            out["layout"] = view["layout"]
         return out
 
     @staticmethod
     def _view(s: Session) -> dict:
         """A copy of what `describe` shows of `s`; made by the thread that owns `s`, read by any."""
+        stats = asdict(s.stats())
         return {"extra": json.loads(json.dumps(s.extra)), "turns": s.turns,
-                "messages": [dict(m) for m in s.messages[-RECENT_MESSAGES:]], "stats": asdict(s.stats()),
-                "cache": s.cache_config.describe()}
+                "messages": [dict(m) for m in s.messages[-RECENT_MESSAGES:]], "stats": stats,
+                "cache": s.cache_config.describe(), "layout": session_layout(s, stats)}
 
     def _header(self, sid: str) -> dict:
         from safetensors import safe_open
@@ -272,8 +277,9 @@ class SessionStore:
             with safe_open(str(path), framework="pt") as f:
                 meta = json.loads((f.metadata() or {})["sinkstream"])
             extra = meta.get("extra") or fresh_extra("?")
+            config, stats = CacheConfig(**meta["cache"]), extra.get("stats", {})
             return {"extra": extra, "turns": meta["turns"], "messages": meta["messages"],
-                    "stats": extra.get("stats", {}), "cache": CacheConfig(**meta["cache"]).describe()}
+                    "stats": stats, "cache": config.describe(), "layout": disk_layout(config, stats)}
         except Exception as e:  # noqa: BLE001 - any unreadable header is a damaged file
             raise damaged(sid, path, e) from None
 
