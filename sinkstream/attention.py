@@ -1,11 +1,12 @@
 """Scaled dot-product attention over a cache view. Policy-agnostic: everything comes from the Plan."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
+from . import kernels
 from .cache.plan import Plan
 from .rope import Rotary, apply_rotary
 
@@ -14,10 +15,21 @@ from .rope import Rotary, apply_rotary
 class Packed:
     """One layer's caches in a pass that packs several caches' new tokens along the sequence axis: the
     tokens of cache i are positions ``bounds[i]:bounds[i + 1]``; ``layers[i]`` and ``plans[i]`` are its layer
-    cache and this pass's plan for it. Everything but attention is position-wise, so only attention splits."""
+    cache and this pass's plan for it. Everything but attention is position-wise, so only attention splits.
+    ``memo`` is shared by every layer of the pass (rotary tables gathered once per pass)."""
     bounds: list[int]
     layers: list
     plans: list
+    memo: dict = field(default_factory=dict)
+
+    def decode_together(self, rotary, alibi_slopes) -> bool:
+        """Whether every cache takes one plain decode token into a buffer that stores keys rotated with
+        `rotary`, all with their sinks in place: then `_decode_together` applies."""
+        if rotary is None or alibi_slopes is not None:
+            return False
+        sinks = getattr(self.layers[0], "sinks", None)
+        return all(p.plain_decode and p.keys_rotated and p.start >= sinks and getattr(l, "rotary", None) is rotary
+                   and l.sinks == sinks for l, p in zip(self.layers, self.plans))
 
 
 def cached_attention(kv, plan: Plan | None, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -29,6 +41,8 @@ def cached_attention(kv, plan: Plan | None, q: torch.Tensor, k: torch.Tensor, v:
     policy, fill level and pass length (prefill chunks beside decode tokens) share one pass with no padding.
     """
     if isinstance(kv, Packed):
+        if kv.decode_together(kw.get("rotary"), kw.get("alibi_slopes")):
+            return _decode_together(kv, q, k, v, scale=kw["scale"], rotary=kw["rotary"])
         outs = []
         for i, (layer, p) in enumerate(zip(kv.layers, kv.plans)):
             a, b = kv.bounds[i], kv.bounds[i + 1]
@@ -36,6 +50,40 @@ def cached_attention(kv, plan: Plan | None, q: torch.Tensor, k: torch.Tensor, v:
         return torch.cat(outs, dim=2)
     k, v = kv.update(k, v, plan)
     return attend(q, k, v, plan, **kw)
+
+
+def _decode_together(kv: Packed, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float,
+                     rotary: Rotary) -> torch.Tensor:
+    """`cached_attention` for caches that each take one plain decode token (`Packed.decode_together`): the
+    rotations of the queries, the new keys and the sinks, which `KVBuffer.update` and `attend` do per cache,
+    run once for all of them with each plan's own tables (the same element-wise products, so the same
+    numbers); each cache then stores its token in its slot and attends over its own buffer."""
+    inter, dtype = rotary.cfg.interleaved, q.dtype
+    key = ("decode", id(rotary), dtype, tuple(map(id, kv.plans)))
+    tables = kv.memo.get(key)
+    if tables is None:
+        tq = [p.rope(rotary, dtype)[1] for p in kv.plans]
+        tk = [p.key_tables(rotary, dtype) for p in kv.plans]
+        cat = lambda ts: torch.cat(list(ts))
+        tables = (cat(t[0] for t in tq), cat(t[1] for t in tq), cat(t[0][0] for t in tk), cat(t[0][1] for t in tk),
+                  None if tk[0][1] is None else torch.stack([t[1][0] for t in tk])[:, None],
+                  None if tk[0][1] is None else torch.stack([t[1][1] for t in tk])[:, None])
+        kv.memo[key] = tables
+    cq, sq, ck, sk, cs, ss = tables
+    q = apply_rotary(q, cq, sq, interleaved=inter)
+    k = apply_rotary(k, ck, sk, interleaved=inter)
+    sinks = kv.layers[0].sinks
+    if sinks:  # [caches, kv_heads, S, d]: each cache's sinks at this pass's positions
+        rotated = apply_rotary(torch.cat([layer.sink_k for layer in kv.layers]).to(dtype), cs, ss, interleaved=inter)
+    outs = []
+    for i, (layer, plan) in enumerate(zip(kv.layers, kv.plans)):
+        s, n = plan.decode_slot, plan.read_len
+        if sinks:
+            layer.k[:, :, :sinks] = rotated[i:i + 1]
+        layer.k[:, :, s:s + 1] = k[:, :, i:i + 1]
+        layer.v[:, :, s:s + 1] = v[:, :, i:i + 1]
+        outs.append(_attend_view(q[:, :, i:i + 1], layer.k[:, :, :n], layer.v[:, :, :n], plan, None, None, scale))
+    return torch.cat(outs, dim=2)
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Plan, *, scale: float,
@@ -65,12 +113,28 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Plan, *, sca
         if mask is not None:
             bias = bias.masked_fill(~mask, float("-inf"))
         mask = bias
-    if k.dtype != q.dtype:  # a cache kept in a narrower dtype (CacheConfig.kv_dtype): attend in its dtype
-        out_dtype, q = q.dtype, q.to(k.dtype)
-        q_sink = None if q_sink is None else q_sink.to(k.dtype)
-        mask = mask.to(k.dtype) if mask is not None and mask.dtype != torch.bool else mask
-        return _sdpa(q, k, v, plan, mask, q_sink, scale).to(out_dtype)
-    return _sdpa(q, k, v, plan, mask, q_sink, scale)
+    return _attend_view(q, k, v, plan, mask, q_sink, scale)
+
+
+def _attend_view(q, k, v, plan: Plan, mask, q_sink, scale: float) -> torch.Tensor:
+    """`_sdpa` for rotated queries; a cache kept in a narrower dtype (CacheConfig.kv_dtype) is attended in
+    its dtype, except by our decode kernel, which reads bfloat16 keys and values into float32 products."""
+    if k.dtype == q.dtype or (mask is None and q_sink is None and q.shape[2] == 1 and _decode_kernel(q, k, v)):
+        return _sdpa(q, k, v, plan, mask, q_sink, scale)
+    out_dtype, q = q.dtype, q.to(k.dtype)
+    q_sink = None if q_sink is None else q_sink.to(k.dtype)
+    mask = mask.to(k.dtype) if mask is not None and mask.dtype != torch.bool else mask
+    return _sdpa(q, k, v, plan, mask, q_sink, scale).to(out_dtype)
+
+
+def _decode_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether our CPU decode-attention kernel (sinkstream/kernels/attn.cpp) takes these tensors: one batch
+    row, float32 queries, float32 or bfloat16 keys/values with contiguous rows. It reads each key and value
+    once for all the query heads sharing it, 20% faster than torch's SDPA on a 1K-token view (which is
+    bound by memory bandwidth: 1.5 MB per layer for SmolLM2 in float32)."""
+    return (q.device.type == "cpu" and q.shape[0] == 1 and q.dtype == torch.float32 and k.dtype == v.dtype
+            and k.dtype in (torch.float32, torch.bfloat16) and k.stride(-1) == 1 and k.stride(-2) == k.shape[-1]
+            and v.stride(-1) == 1 and v.stride(-2) == v.shape[-1] and kernels.available())
 
 
 def _sdpa(q, k, v, plan: Plan, mask, q_sink, scale: float) -> torch.Tensor:
@@ -84,10 +148,14 @@ def _sdpa(q, k, v, plan: Plan, mask, q_sink, scale: float) -> torch.Tensor:
             dv = v.shape[-1]
             v = torch.cat([v, v.new_zeros(*v.shape[:-1], q.shape[-1] - dv)], dim=-1)
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)[..., :dv]
-    if gqa and mask is None and q.shape[2] == 1:
+    if mask is None and q.shape[2] == 1 and (gqa or _decode_kernel(q, k, v)):
         # one query per head (decode): the heads sharing a kv head become that head's query rows, so each
         # cached key and value is read once per kv head, not once per query head
         b, h, _, d = q.shape
-        o = F.scaled_dot_product_attention(q.reshape(b, k.shape[1], h // k.shape[1], d), k, v, scale=scale)
+        qg = q.reshape(b, k.shape[1], h // k.shape[1], d)
+        if _decode_kernel(q, k, v):
+            o = torch.ops.sinkstream.decode_attention(qg.contiguous(), k, v, scale)
+        else:
+            o = F.scaled_dot_product_attention(qg, k, v, scale=scale)
         return o.reshape(b, h, 1, v.shape[-1])  # CUDA's kernels may return it strided
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)

@@ -219,3 +219,12 @@ def test_generate_batch_equals_generate(real):
     assert sinkstream.generate_batch(model, tok, prompts, max_tokens=12) == want
     with pytest.raises(ValueError):
         sinkstream.generate_batch(model, tok, prompts, cache=model.make_cache())
+
+
+@pytest.mark.parametrize("kv_dtype", ["bfloat16", "float16"])
+def test_narrow_kv_batched_equals_alone(tiny, kv_dtype):
+    V = vocab_of(tiny)
+    cfg = CacheConfig("sink", 4, 28, kv_dtype=kv_dtype)
+    prompts = [prompt(90 + i, 5 + 4 * i, V) for i in range(4)]
+    alone = [decode(tiny, cfg, p, 48) for p in prompts]
+    assert map_batched(tiny, lambda p: decode(tiny, cfg, p, 48), prompts) == alone

@@ -129,3 +129,43 @@ def test_rms_norm_kernel_matches_the_formula(offset):
     x, w = torch.randn(3, 5, 96), torch.randn(96)
     want = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * (offset + w)
     assert torch.allclose(torch.ops.sinkstream.rms_norm(x, w, 1e-6, offset), want, atol=1e-5)
+
+
+@pytest.mark.parametrize("heads,group,dim,n,dtype", [(3, 3, 64, 1024, torch.float32), (8, 4, 128, 777, torch.float32),
+                                                     (1, 4, 256, 5, torch.float32), (4, 1, 72, 300, torch.float32),
+                                                     (3, 3, 64, 1000, torch.bfloat16), (2, 2, 64, 1, torch.float32)])
+def test_decode_attention_matches_sdpa(heads, group, dim, n, dtype):
+    """Keys in chunks of 256 merged by their maxima (n not a multiple of it), head sizes that are not a
+    multiple of 8, one key, a slice of a longer buffer, large scores (the exponential's range)."""
+    assert kernels.available()
+    g = torch.Generator().manual_seed(n)
+    kbuf = (torch.randn(1, heads, n + 9, dim, generator=g) * 3).to(dtype)
+    vbuf = torch.randn(1, heads, n + 9, dim, generator=g).to(dtype)
+    k, v = kbuf[:, :, :n], vbuf[:, :, :n]
+    q = torch.randn(1, heads, group, dim, generator=g) * 3
+    want = F.scaled_dot_product_attention(q, k.float(), v.float(), scale=dim ** -0.5)
+    got = torch.ops.sinkstream.decode_attention(q, k, v, dim ** -0.5)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+
+
+def test_decode_attention_in_a_model_matches_torch(monkeypatch, tiny):
+    """A decode step through the kernel gives the logits torch's SDPA gives; with bfloat16 KV the kernel
+    (float32 queries and products) is at least as close to float32 KV as torch's bfloat16 SDPA."""
+    import sinkstream.attention as attention
+    from sinkstream import CacheConfig
+    assert kernels.available()
+    ids = torch.randint(3, 200, (1, 40), generator=torch.Generator().manual_seed(1))
+
+    def step(kv_dtype, kernel):
+        if not kernel:
+            monkeypatch.setattr(attention, "_decode_kernel", lambda q, k, v: False)
+        cache = tiny.make_cache(CacheConfig("sink", 4, 20, kv_dtype=kv_dtype))
+        cache.run(tiny, ids)
+        out = cache.run(tiny, ids[:, :1])
+        monkeypatch.undo()
+        return out
+
+    exact = step(None, False)
+    torch.testing.assert_close(step(None, True), exact, atol=1e-5, rtol=1e-4)
+    ours, theirs = step("bfloat16", True), step("bfloat16", False)
+    assert (ours - exact).abs().max() <= (theirs - exact).abs().max() + 1e-4

@@ -51,6 +51,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from dataclasses import dataclass
+from typing import ClassVar
 from pathlib import Path
 
 import torch
@@ -81,6 +82,7 @@ class MemoryPlan(Plan):
     blocks: int = 0                          # blocks retrievable in this pass
     extended: Plan | None = None             # plan over [view, retrieved columns]; None when blocks == 0
     layer: MemoryLayer | None = None
+    extends_view: ClassVar[bool] = True
 
     def extend(self, q, k, v):
         return self.layer.extend(q, k, v, self)

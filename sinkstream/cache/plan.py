@@ -51,6 +51,7 @@ or ALiBi distances (`Plan.distances`), each made once per pass and plan.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 
@@ -129,9 +130,18 @@ class Plan:
             self._memo[key] = qp - on(self.k_pos)[None, :]
         return self._memo[key]
 
+    extends_view: ClassVar[bool] = False  # True where `extend` adds to the view (the retrieval memory)
+
     def extend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
         """Hook for per-layer additions to the view (the retrieval memory adds recalled blocks); no-op here."""
         return k, v, self
+
+    @property
+    def plain_decode(self) -> bool:
+        """One token written first into a slot known on the host, no mask, one query rotation, no re-base,
+        nothing added to the view: what `attention.cached_attention` can run for many caches together."""
+        return (self.n_new == 1 and self.write_first and self.decode_slot is not None and self.mask is None
+                and self.q_pos_sink is None and not self.rebase and not self.extends_view)
 
 
 class RingSlots:

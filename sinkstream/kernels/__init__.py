@@ -1,5 +1,5 @@
-"""Our CPU kernels: block-quantized matrix products (qmm.cpp) and an RMS norm (norm.cpp), compiled for
-this machine on first use.
+"""Our CPU kernels: block-quantized matrix products (qmm.cpp), an RMS norm (norm.cpp) and decode attention
+(attn.cpp), compiled for this machine on first use.
 
 ``make`` builds them (``python -m sinkstream.kernels``); otherwise the first quantized model builds them
 (about 20 s) into ``$SINKSTREAM_KERNEL_CACHE`` (default ``~/.cache/sinkstream/kernels``, not moved by
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-SOURCES = [Path(__file__).with_name(n) for n in ("qmm.cpp", "norm.cpp")]
+SOURCES = [Path(__file__).with_name(n) for n in ("qmm.cpp", "norm.cpp", "attn.cpp")]
 _state: dict[str, object] = {}
 
 
@@ -72,7 +72,7 @@ def load(*, verbose: bool = False) -> bool:
             cpp_extension.load(name="sinkstream_kernels", sources=[str(p) for p in SOURCES], build_directory=str(folder),
                                extra_cflags=_flags_for_this_cpu() + ["-fopenmp"], extra_ldflags=["-fopenmp"],
                                is_python_module=False, verbose=verbose)
-            ok = hasattr(torch.ops.sinkstream, "q4_mm") and hasattr(torch.ops.sinkstream, "rms_norm")
+            ok = all(hasattr(torch.ops.sinkstream, op) for op in ("q4_mm", "rms_norm", "decode_attention"))
         except Exception as e:  # noqa: BLE001 - no compiler, no headers: say so once, use torch's kernels
             warnings.warn(f"sinkstream: CPU kernels not built ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
                           "quantized layers use torch's kernels", stacklevel=2)

@@ -82,7 +82,9 @@ class CausalLM(nn.Module):
         tokens at ``bounds[i]:bounds[i + 1]``, ``layers[i]``/``plans[i]`` its layer caches and the plans its
         `begin` returned for this pass -> float32 logits [1, len(rows), vocab] (every position when rows is None).
         """
-        packed = [Packed(bounds, [ls[j] for ls in layers], [ps[j] for ps in plans]) for j in range(len(layers[0]))]
+        memo: dict = {}  # shared by the layers: what a pass derives from its plans is derived once
+        packed = [Packed(bounds, [ls[j] for ls in layers], [ps[j] for ps in plans], memo)
+                  for j in range(len(layers[0]))]
         return self.forward_layers(input_ids, packed, [None] * len(packed), rows).float()
 
     def forward_layers(self, input_ids, kv_layers, plans, rows=None) -> torch.Tensor:
