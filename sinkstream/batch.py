@@ -14,8 +14,10 @@ Who calls `step` is the runner's business:
 * `Batcher` owns a thread that steps every feed submitted from any thread together (continuous batching).
   Streams join and leave between steps. A step waits a moment (`gather`) for every stream that is generating
   (`Batcher.stream`) to hand in its next token, so they decode together. Prompt chunks go beside the decode
-  tokens under a per-step budget (`prefill_budget`), so a long prompt delays the others by at most one
-  chunk of that size per step; with no stream decoding, a prompt goes in chunks of its cache's chunk size.
+  tokens under a per-step token budget, so a long prompt delays the others by at most one such chunk per
+  step; with no stream decoding, a prompt goes in chunks of its cache's chunk size. The budget adapts to
+  the machine: as many prompt tokens as cost about `prefill_share` times a decode step (both timed as
+  the batch runs), at most `prefill_budget`.
 
 `runner_for(model)` is the runner set for the current context (`using`), `DIRECT` otherwise. Caches' `run`
 and `generate.stream_tokens` go through it, so sessions, the server, eval and the Python API share one path.
@@ -35,7 +37,8 @@ import torch
 from .errors import EmptyInputError, SinkstreamError
 from .quant import rows_by_stream
 
-PREFILL_BUDGET = 64  # prompt tokens per step beside decoding streams: about one decode step's time on a CPU
+PREFILL_BUDGET = 256  # most prompt tokens per step beside decoding streams (the timed budget is usually lower)
+PREFILL_SHARE = 1.0   # prompt tokens beside decoding streams cost about this many decode steps' time
 GATHER_SECONDS = 0.005  # how long a step waits for generating streams to hand in their next token
 
 
@@ -226,19 +229,25 @@ class StepStats:
     feeds: int        # streams advanced by the step
     tokens: int       # tokens it fed
     seconds: float
+    prompt_tokens: int = 0  # tokens fed to feeds that had more than one left (prompts)
 
 
 class Batcher:
     """Continuous batching: one thread steps every feed submitted to `run` from any thread, together.
 
-    ``prefill_budget``: prompt tokens per step beside decoding streams. ``gather``: seconds a step waits for
-    the streams inside `stream` to hand in their next token. ``on_step(StepStats)`` is called after each step
-    (metrics). Use as a context manager, or call `close`.
+    Beside decoding streams a step takes at most `budget()` prompt tokens: those that cost about
+    ``prefill_share`` times a decode-only step, from running averages of both, never more than
+    ``prefill_budget`` (None: no limit). ``gather``: seconds a step waits for the streams inside `stream` to
+    hand in their next token. ``on_step(StepStats)`` is called after each step (metrics). Use as a context
+    manager, or call `close`.
     """
 
-    def __init__(self, model, *, prefill_budget: int | None = PREFILL_BUDGET, gather: float = GATHER_SECONDS,
-                 on_step: Callable[[StepStats], None] | None = None):
+    def __init__(self, model, *, prefill_budget: int | None = PREFILL_BUDGET, prefill_share: float = PREFILL_SHARE,
+                 gather: float = GATHER_SECONDS, on_step: Callable[[StepStats], None] | None = None):
         self.model, self.prefill_budget, self.gather, self.on_step = model, prefill_budget, gather, on_step
+        self.prefill_share = prefill_share
+        self.decode_seconds: float | None = None  # running average of decode-only steps
+        self.token_seconds: float | None = None   # running average of what a prompt token adds to a step
         self.cond = threading.Condition()
         self.queue: list[Feed] = []
         self.streams = 0              # threads inside `stream` (they come back every step)
@@ -279,6 +288,23 @@ class Batcher:
                 self.streams -= 1
                 self.cond.notify_all()
 
+    def budget(self) -> int | None:
+        """Prompt tokens the next step may take beside decoding streams."""
+        if self.prefill_budget is None or self.decode_seconds is None or self.token_seconds is None:
+            return self.prefill_budget
+        fit = int(self.prefill_share * self.decode_seconds / max(self.token_seconds, 1e-9))
+        return max(1, min(self.prefill_budget, fit))
+
+    def _timed(self, st: StepStats) -> None:
+        """Update the running averages `budget` reads from a step's duration."""
+        avg = lambda old, new: new if old is None else 0.8 * old + 0.2 * new
+        if not st.prompt_tokens:
+            self.decode_seconds = avg(self.decode_seconds, st.seconds)
+        elif st.tokens > st.prompt_tokens and self.decode_seconds is not None:
+            self.token_seconds = avg(self.token_seconds, max(st.seconds - self.decode_seconds, 0) / st.prompt_tokens)
+        elif st.tokens == st.prompt_tokens:  # prompts only: an upper bound of what a prompt token adds
+            self.token_seconds = avg(self.token_seconds, st.seconds / st.prompt_tokens)
+
     def close(self) -> None:
         """Fail whatever waits and end the thread."""
         with self.cond:
@@ -306,9 +332,10 @@ class Batcher:
                     self.cond.wait(left)
                 feeds = list(self.queue)
             before = {id(f): f.done for f in feeds}
+            prompts = {id(f) for f in feeds if f.remaining > 1}
             t0 = time.perf_counter()
             try:
-                step(self.model, feeds, budget=self.prefill_budget)
+                step(self.model, feeds, budget=self.budget())
             except BaseException as e:  # noqa: BLE001 - the pass itself failed: every feed in it fails
                 for f in feeds:
                     if not f.finished:
@@ -320,8 +347,12 @@ class Batcher:
             for f in feeds:
                 if f.finished:
                     f.event.set()
-            if self.on_step is not None and advanced:
-                self.on_step(StepStats(len(advanced), sum(f.done - before[id(f)] for f in advanced), seconds))
+            if advanced:
+                fed = {id(f): f.done - before[id(f)] for f in advanced}
+                st = StepStats(len(advanced), sum(fed.values()), seconds, sum(fed[i] for i in fed if i in prompts))
+                self._timed(st)
+                if self.on_step is not None:
+                    self.on_step(st)
 
 
 def map_batched(model, fn: Callable, items, *, max_batch: int = 8, **batcher_kw) -> list:

@@ -228,3 +228,18 @@ def test_narrow_kv_batched_equals_alone(tiny, kv_dtype):
     prompts = [prompt(90 + i, 5 + 4 * i, V) for i in range(4)]
     alone = [decode(tiny, cfg, p, 48) for p in prompts]
     assert map_batched(tiny, lambda p: decode(tiny, cfg, p, 48), prompts) == alone
+
+
+def test_prompt_budget_follows_the_timed_cost_of_a_decode_step(tiny):
+    """Beside decoding streams a step takes the prompt tokens that cost about `prefill_share` decode steps."""
+    from sinkstream.batch import StepStats
+    with Batcher(tiny, prefill_budget=256, prefill_share=1.0) as b:
+        assert b.budget() == 256  # nothing timed yet
+        for _ in range(30):
+            b._timed(StepStats(feeds=4, tokens=4, seconds=0.040))                      # decode only: 40 ms
+            b._timed(StepStats(feeds=5, tokens=4 + 32, seconds=0.040 + 32 * 0.002, prompt_tokens=32))  # 2 ms/token
+        assert b.budget() == 20  # 40 ms of prompt tokens at 2 ms each
+        b.prefill_share = 0.25
+        assert b.budget() == 5
+        b.prefill_budget = 3
+        assert b.budget() == 3

@@ -26,9 +26,9 @@ def register(subparsers) -> None:
     p.add_argument("--max-body-bytes", type=int, default=4 << 20, help="larger request bodies get 413")
     p.add_argument("--max-batch", type=int, default=8,
                    help="requests answered at once, their forward passes batched (1: one at a time)")
-    p.add_argument("--prefill-budget", type=int, default=64,
-                   help="prompt tokens per batched step beside decoding requests (a long prompt is fed in such "
-                        "chunks, so the others keep streaming)")
+    p.add_argument("--prefill-budget", type=int, default=256,
+                   help="most prompt tokens per batched step beside decoding requests; within it, as many as cost "
+                        "about one decode step (timed as the server runs), so the others keep streaming")
     p.add_argument("--max-queue", type=int, default=8, help="requests waiting beyond --max-batch; more get 503")
     p.add_argument("--max-live-sessions", type=int, default=8, help="sessions kept in memory (LRU)")
     p.add_argument("--max-sessions", type=int, default=1000, help="sessions kept in all (memory + disk)")

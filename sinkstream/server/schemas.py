@@ -115,7 +115,7 @@ class Limits:
     max_body_bytes: int = 4 << 20
     max_queue: int = 8
     max_batch: int = 8                # requests generating at once, their forward passes batched
-    prefill_budget: int = 64          # prompt tokens per batched step beside decoding requests
+    prefill_budget: int = 256         # most prompt tokens per batched step beside decoding requests
     max_live: int = 8
     max_sessions: int = 1000
 
