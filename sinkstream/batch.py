@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .errors import EmptyInputError, SinkstreamError
-from .quant import rows_by_stream
+from .quant import few_token_rows, rows_by_stream
 
 PREFILL_BUDGET = 256  # most prompt tokens per step beside decoding streams (the timed budget is usually lower)
 PREFILL_SHARE = 1.0   # prompt tokens beside decoding streams cost about this many decode steps' time
@@ -154,13 +154,16 @@ def _pass(model, feeds: list[Feed], budget: int | None) -> None:
         elif n == f.remaining:
             rows.append(a + n - 1)
     ids = torch.cat([f.ids[:, f.done:f.done + n] for f, n in parts], dim=1)
-    if len(parts) == 1:
-        f = parts[0][0]
-        sel = slice(rows[0], rows[-1] + 1) if rows else slice(0, 0)
-        logits = model.forward_layers(ids, f.cache.layers, plans[0], sel).float()
-    else:
-        sel = torch.tensor(rows, dtype=torch.long, device=ids.device)
-        with rows_by_stream([n for _, n in parts], rows):  # quantized layers: each stream's rows as alone
+    # quantized layers compute each stream's rows as they would alone, whoever shares the pass and however a
+    # prompt was split between steps
+    few = few_token_rows([(f.done, n, f.ids.shape[1], f.cache.chunk_size()) for f, n in parts])
+    with rows_by_stream(few, rows):
+        if len(parts) == 1:
+            f = parts[0][0]
+            sel = slice(rows[0], rows[-1] + 1) if rows else slice(0, 0)
+            logits = model.forward_layers(ids, f.cache.layers, plans[0], sel).float()
+        else:
+            sel = torch.tensor(rows, dtype=torch.long, device=ids.device)
             logits = model.forward_packed(ids, bounds, [f.cache.layers for f, _ in parts], plans, sel)
     r = 0
     for f, n in parts:

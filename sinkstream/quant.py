@@ -136,17 +136,28 @@ ROWS_PER_SLICE = 4096  # bounds the bfloat16 temporary of a many-token pass
 
 
 # A pass that packs several streams' tokens (sinkstream.batch) sets, per row count of the activations it
-# multiplies (all tokens; the rows that get logits), which rows come from a stream passing fewer than
-# MANY_TOKENS tokens. Those rows take the kernel path and the others the matrix multiply, as each stream
-# would alone: a stream's numbers do not depend on who shares its pass.
+# multiplies (all tokens; the rows that get logits), which rows a stream alone would pass in a chunk of fewer
+# than MANY_TOKENS tokens. Those rows take the kernel path and the others the matrix multiply, as alone: a
+# stream's numbers do not depend on who shares its pass or on how its prompt is split between steps.
 _ROW_GROUPS: contextvars.ContextVar = contextvars.ContextVar("sinkstream_row_groups", default=None)
 
 
+def few_token_rows(chunks: list[tuple[int, int, int, int]]) -> list[bool]:
+    """For packed tokens given as (first offset, count, stream length, the stream's chunk size) per stream:
+    whether each token would be in a pass of fewer than MANY_TOKENS tokens if its stream were fed alone
+    (in chunks of its chunk size from offset 0)."""
+    out = []
+    for start, n, total, chunk in chunks:
+        for o in range(start, start + n):
+            out.append(min(chunk, total - (o // chunk) * chunk) < MANY_TOKENS)
+    return out
+
+
 @contextlib.contextmanager
-def rows_by_stream(sizes: list[int], rows: list[int] | None = None):
-    """Within the block, a quantized linear layer multiplying the packed tokens of streams of `sizes` tokens
-    (or the `rows` of them that get logits) computes each stream's rows as it would for that stream alone."""
-    few = torch.tensor([n < MANY_TOKENS for n in sizes for _ in range(n)])
+def rows_by_stream(few: list[bool], rows: list[int] | None = None):
+    """Within the block, a quantized linear layer multiplying packed tokens whose rows `few` marks (see
+    `few_token_rows`), or the `rows` of them that get logits, computes each row as its stream would alone."""
+    few = torch.tensor(few, dtype=torch.bool)
     groups = {few.numel(): few}
     if rows is not None and len(rows) != few.numel():
         groups[len(rows)] = few[torch.tensor(rows, dtype=torch.long)] if rows else few[:0]
