@@ -14,10 +14,11 @@ Who calls `step` is the runner's business:
 * `Batcher` owns a thread that steps every feed submitted from any thread together (continuous batching).
   Streams join and leave between steps. A step waits a moment (`gather`) for every stream that is generating
   (`Batcher.stream`) to hand in its next token, so they decode together. Prompt chunks go beside the decode
-  tokens under a per-step token budget, so a long prompt delays the others by at most one such chunk per
-  step; with no stream decoding, a prompt goes in chunks of its cache's chunk size. The budget adapts to
-  the machine: as many prompt tokens as cost about `prefill_share` times a decode step (both timed as
-  the batch runs), at most `prefill_budget`.
+  tokens: short prompts (up to `prefill_budget` tokens per step in all) whole, so a new chat turn starts at
+  once; longer ones in chunks under a per-step token budget, so a long prompt delays the others by at most
+  one such chunk per step. That budget adapts to the machine: as many prompt tokens as cost about
+  `prefill_share` times a decode step (both timed as the batch runs). With no stream decoding, a prompt
+  goes in chunks of its cache's chunk size.
 
 `runner_for(model)` is the runner set for the current context (`using`), `DIRECT` otherwise. Caches' `run`
 and `generate.stream_tokens` go through it, so sessions, the server, eval and the Python API share one path.
@@ -37,7 +38,7 @@ import torch
 from .errors import EmptyInputError, SinkstreamError
 from .quant import few_token_rows, rows_by_stream
 
-PREFILL_BUDGET = 256  # most prompt tokens per step beside decoding streams (the timed budget is usually lower)
+PREFILL_BUDGET = 256  # prompt tokens per step beside decoding streams that short prompts may take whole
 PREFILL_SHARE = 1.0   # prompt tokens beside decoding streams cost about this many decode steps' time
 GATHER_SECONDS = 0.005  # how long a step waits for generating streams to hand in their next token
 
@@ -99,26 +100,33 @@ def new_feed(model, cache, ids: torch.Tensor, *, logits: str = "last", progress=
     return Feed(cache, ids.to(model.device), logits, progress, then, member)
 
 
-def _plan_chunks(feeds: list[Feed], budget: int | None) -> list[tuple[Feed, int]]:
-    """How many tokens each feed gives this step: decode tokens all; prompt chunks of at most the cache's
-    chunk size, and beside decode tokens at most `budget` prompt tokens in all (the first prompt always
-    advances by at least one token)."""
+def _plan_chunks(feeds: list[Feed], budget: int | None, whole: int | None = None) -> list[tuple[Feed, int]]:
+    """How many tokens each feed gives this step: decode tokens all; prompts in chunks of at most their
+    cache's chunk size. Beside decode tokens, prompts that fit in what is left of `whole` tokens go whole
+    (a chat turn's first token comes one step later), and longer prompts share what is left of `budget`
+    tokens (a long prompt delays the others by about that much per step); some prompt always advances."""
     decode = [f for f in feeds if f.remaining == 1]
     prompts = [f for f in feeds if f.remaining > 1]
     parts = [(f, 1) for f in decode]
-    left = budget if (decode and budget is not None) else None
-    for i, f in enumerate(prompts):
+    limited = bool(decode) and budget is not None
+    left, room, advanced = budget or 0, whole or 0, False
+    for f in prompts:
         n = min(f.remaining, f.cache.chunk_size())
-        if left is not None:
-            n = min(n, max(left, 1 if i == 0 else 0))
-            left -= n
+        if limited:
+            if n == f.remaining and n <= room:
+                room -= n
+                left -= n
+            else:
+                n = min(n, left) if left > 0 else (0 if advanced else 1)
+                left -= n
         if n > 0:
             parts.append((f, n))
+            advanced = True
     return parts
 
 
 @torch.inference_mode()
-def step(model, feeds: list[Feed], *, budget: int | None = None) -> None:
+def step(model, feeds: list[Feed], *, budget: int | None = None, whole: int | None = None) -> None:
     """Advance unfinished feeds by one chunk each (see the module docstring); feeds that complete get their
     result, feeds that fail their error. Single-sequence feeds of planned caches share one forward pass;
     a feed of several sequences gets a pass of its own; a cache that is not planned runs its feed whole."""
@@ -129,15 +137,15 @@ def step(model, feeds: list[Feed], *, budget: int | None = None) -> None:
     planned = [f for f in feeds if f.cache.planned]
     singles = [f for f in planned if f.ids.shape[0] == 1]
     if singles:
-        _pass(model, singles, budget)
+        _pass(model, singles, budget, whole)
     for f in planned:
         if f.ids.shape[0] > 1:
-            _pass(model, [f], budget)
+            _pass(model, [f], budget, whole)
 
 
-def _pass(model, feeds: list[Feed], budget: int | None) -> None:
+def _pass(model, feeds: list[Feed], budget: int | None, whole: int | None) -> None:
     parts, plans = [], []
-    for f, n in _plan_chunks(feeds, budget):
+    for f, n in _plan_chunks(feeds, budget, whole):
         try:
             plans.append(f.cache.begin(n))  # raises before changing anything (e.g. a dense cache is full)
             parts.append((f, n))
@@ -238,9 +246,9 @@ class StepStats:
 class Batcher:
     """Continuous batching: one thread steps every feed submitted to `run` from any thread, together.
 
-    Beside decoding streams a step takes at most `budget()` prompt tokens: those that cost about
-    ``prefill_share`` times a decode-only step, from running averages of both, never more than
-    ``prefill_budget`` (None: no limit). ``gather``: seconds a step waits for the streams inside `stream` to
+    Beside decoding streams a step feeds prompts of up to ``prefill_budget`` tokens in all whole (None: no
+    limit), and longer prompts in chunks of `budget()` tokens: those that cost about ``prefill_share`` times a
+    decode-only step, from running averages of both. ``gather``: seconds a step waits for the streams inside `stream` to
     hand in their next token. ``on_step(StepStats)`` is called after each step (metrics). Use as a context
     manager, or call `close`.
     """
@@ -292,7 +300,7 @@ class Batcher:
                 self.cond.notify_all()
 
     def budget(self) -> int | None:
-        """Prompt tokens the next step may take beside decoding streams."""
+        """Prompt tokens that prompts too long to go whole may take per step beside decoding streams."""
         if self.prefill_budget is None or self.decode_seconds is None or self.token_seconds is None:
             return self.prefill_budget
         fit = int(self.prefill_share * self.decode_seconds / max(self.token_seconds, 1e-9))
@@ -338,7 +346,7 @@ class Batcher:
             prompts = {id(f) for f in feeds if f.remaining > 1}
             t0 = time.perf_counter()
             try:
-                step(self.model, feeds, budget=self.budget())
+                step(self.model, feeds, budget=self.budget(), whole=self.prefill_budget)
             except BaseException as e:  # noqa: BLE001 - the pass itself failed: every feed in it fails
                 for f in feeds:
                     if not f.finished:
