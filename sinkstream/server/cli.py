@@ -27,8 +27,8 @@ def register(subparsers) -> None:
     p.add_argument("--max-batch", type=int, default=8,
                    help="requests answered at once, their forward passes batched (1: one at a time)")
     p.add_argument("--prefill-budget", type=int, default=256,
-                   help="most prompt tokens per batched step beside decoding requests; within it, as many as cost "
-                        "about one decode step (timed as the server runs), so the others keep streaming")
+                   help="prompt tokens per batched step that short prompts may take whole beside decoding requests; "
+                        "longer prompts go in chunks that cost about one decode step (timed as the server runs)")
     p.add_argument("--max-queue", type=int, default=8, help="requests waiting beyond --max-batch; more get 503")
     p.add_argument("--max-live-sessions", type=int, default=8, help="sessions kept in memory (LRU)")
     p.add_argument("--max-sessions", type=int, default=1000, help="sessions kept in all (memory + disk)")
