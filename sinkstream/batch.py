@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .errors import EmptyInputError, SinkstreamError
-from .quant import few_token_rows, rows_by_stream
+from .quant import few_token_rows, keeping_dequantized, release_dequantized, rows_by_stream
 
 PREFILL_BUDGET = 256  # prompt tokens per step beside decoding streams that short prompts may take whole
 PREFILL_SHARE = 1.0   # prompt tokens beside decoding streams cost about this many decode steps' time
@@ -165,7 +165,11 @@ def _pass(model, feeds: list[Feed], budget: int | None, whole: int | None) -> No
     # quantized layers compute each stream's rows as they would alone, whoever shares the pass and however a
     # prompt was split between steps
     few = few_token_rows([(f.done, n, f.ids.shape[1], f.cache.chunk_size()) for f, n in parts])
-    with rows_by_stream(few, rows):
+    # a prompt cut into budget-sized chunks beside decode tokens goes on next step: its quantized layers keep
+    # their de-quantized weights until it is in (sinkstream.quant.keeping_dequantized)
+    chunked = any(n == 1 for _, n in parts) and any(f.remaining > n > 0 and n < f.cache.chunk_size()
+                                                    for f, n in parts)
+    with rows_by_stream(few, rows), (keeping_dequantized() if chunked else contextlib.nullcontext()):
         if len(parts) == 1:
             f = parts[0][0]
             sel = slice(rows[0], rows[-1] + 1) if rows else slice(0, 0)
@@ -173,6 +177,8 @@ def _pass(model, feeds: list[Feed], budget: int | None, whole: int | None) -> No
         else:
             sel = torch.tensor(rows, dtype=torch.long, device=ids.device)
             logits = model.forward_packed(ids, bounds, [f.cache.layers for f, _ in parts], plans, sel)
+    if not chunked:
+        release_dequantized()
     r = 0
     for f, n in parts:
         k = n if f.logits == "all" else int(n == f.remaining)

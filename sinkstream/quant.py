@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import os
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -168,6 +170,35 @@ def rows_by_stream(few: list[bool], rows: list[int] | None = None):
         _ROW_GROUPS.reset(token)
 
 
+# A prompt fed in small chunks beside decoding streams (sinkstream.batch) takes the matrix-multiply path in
+# every step, as it would alone in large chunks; de-quantizing every weight for each such step costs more than
+# the step itself. Inside `keeping_dequantized()` a layer keeps the bfloat16 weight it de-quantized, up to
+# KEEP_DEQUANTIZED_BYTES in the process (the same numbers: the same rows multiplied the same way);
+# `release_dequantized()` drops them.
+KEEP_DEQUANTIZED_BYTES = int(os.environ.get("SINKSTREAM_KEEP_DEQUANTIZED_BYTES", 1 << 30))
+_KEEP: contextvars.ContextVar = contextvars.ContextVar("sinkstream_keep_dequantized", default=False)
+_kept: "weakref.WeakKeyDictionary[QuantLinear, torch.Tensor]" = weakref.WeakKeyDictionary()
+
+
+def _kept_bytes() -> int:
+    return sum(w.numel() * w.element_size() for w in _kept.values())
+
+
+@contextlib.contextmanager
+def keeping_dequantized():
+    """Within the block, quantized layers keep the bfloat16 weights their many-token passes de-quantize."""
+    token = _KEEP.set(True)
+    try:
+        yield
+    finally:
+        _KEEP.reset(token)
+
+
+def release_dequantized() -> None:
+    """Drop the de-quantized weights `keeping_dequantized` kept."""
+    _kept.clear()
+
+
 def _backend(device: torch.device, fused: bool | None) -> str:
     """"qmm": our int8-activation kernels (sinkstream.kernels); "torch": torch's packed CPU kernels with
     bfloat16 activations (where ours are not built); "dequant": de-quantized weights, plain matmul."""
@@ -257,17 +288,28 @@ class QuantLinear(nn.Module):
         return ops.q4_mm(x, self.qs, self.d, self.m) if self.kind == "int4" else ops.q8_mm(x, self.qs, self.d)
 
     def _many(self, x: torch.Tensor) -> torch.Tensor:
-        """A bfloat16 matrix multiply over de-quantized slices of rows."""
-        ops = torch.ops.sinkstream
+        """A bfloat16 matrix multiply over de-quantized slices of rows (kept between passes inside
+        `keeping_dequantized`, within KEEP_DEQUANTIZED_BYTES)."""
         xb = x.to(torch.bfloat16)
         n = self.out_features
+        kept = self._kept_bf16() if _KEEP.get() else None
         y = torch.empty(x.shape[0], n, dtype=torch.float32)
         for r0 in range(0, n, ROWS_PER_SLICE):
             r1 = min(n, r0 + ROWS_PER_SLICE)
-            w = ops.q4_dequant(self.qs, self.d, self.m, r0, r1) if self.kind == "int4" else \
-                ops.q8_dequant(self.qs, self.d, r0, r1)
-            y[:, r0:r1] = F.linear(xb, w)
+            y[:, r0:r1] = F.linear(xb, kept[r0:r1] if kept is not None else self._dequant(r0, r1))
         return y
+
+    def _dequant(self, r0: int, r1: int) -> torch.Tensor:
+        ops = torch.ops.sinkstream
+        return ops.q4_dequant(self.qs, self.d, self.m, r0, r1) if self.kind == "int4" else \
+            ops.q8_dequant(self.qs, self.d, r0, r1)
+
+    def _kept_bf16(self) -> torch.Tensor | None:
+        """This layer's de-quantized bfloat16 weight, made once and kept while the budget allows (else None)."""
+        w = _kept.get(self)
+        if w is None and _kept_bytes() + self.out_features * self.in_features * 2 <= KEEP_DEQUANTIZED_BYTES:
+            w = _kept[self] = self._dequant(0, self.out_features)
+        return w
 
     def extra_repr(self) -> str:
         return f"{self.in_features}, {self.out_features}, {self.kind}, group={self.group}, backend={self.backend}"
