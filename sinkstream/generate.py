@@ -153,13 +153,15 @@ def generate(model, tokenizer, prompt, **kwargs) -> str:
     return "".join(r.text for r in stream_generate(model, tokenizer, prompt, **kwargs))
 
 
-def generate_batch(model, tokenizer, prompts: list, *, max_batch: int = 8, prefill_budget: int | None = None,
-                   **kwargs) -> list[str]:
-    """Complete every prompt, up to `max_batch` at once with their forward passes batched (`batch.Batcher`);
-    `generate`'s keywords apply to each (a ``cache`` or ``sampler`` would be shared: give none). Each
-    completion is what `generate` gives alone (greedy, or sampling with a seed)."""
-    from .batch import PREFILL_BUDGET, map_batched
+def generate_batch(model, tokenizer, prompts: list, *, max_batch: int = 8, cache_config=None, **kwargs) -> list[str]:
+    """Complete every prompt, up to `max_batch` at once with their forward passes batched (`batch.map_batched`);
+    `generate`'s keywords apply to each (a ``cache`` or ``sampler`` would be shared: give none; the caches
+    are made here, from `cache_config`). Each completion is what `generate` gives alone (greedy, or sampling
+    with a seed)."""
+    from .batch import map_batched
     if "cache" in kwargs or "sampler" in kwargs:
         raise ValueError("generate_batch makes a cache and a sampler per prompt; pass sampling= instead")
-    return map_batched(model, lambda p: generate(model, tokenizer, p, **kwargs), prompts, max_batch=max_batch,
-                       prefill_budget=PREFILL_BUDGET if prefill_budget is None else prefill_budget)
+    # allocated in this thread, which steps the batch: see batch.in_fresh_thread on why that matters
+    jobs = [(p, model.make_cache(cache_config)) for p in prompts]
+    return map_batched(model, lambda job: generate(model, tokenizer, job[0], cache=job[1], **kwargs), jobs,
+                       max_batch=max_batch)

@@ -10,6 +10,7 @@ import asyncio
 import time
 from dataclasses import dataclass, field
 
+from ..batch import in_fresh_thread
 from ..generate import GenerationResponse, stream_generate
 from ..sampling import SamplingConfig, make_logits_processors, make_sampler
 from ..session import Session
@@ -79,7 +80,7 @@ class Engine:
         if not ids:
             raise bad_request("the prompt is empty", param="prompt")
         self._check_length(len(ids))
-        cache = self.model.make_cache(self.cache_config)
+        cache = in_fresh_thread(self.model.make_cache, self.cache_config)  # see in_fresh_thread
         return self._pump(job, stream_generate(self.model, self.tokenizer, ids, cache=cache,
                                                max_tokens=turn.max_tokens, sampling=turn.sampling,
                                                stop=turn.stop, progress=job.check))
@@ -118,7 +119,7 @@ class Engine:
         if len(msgs) > n and chain(HISTORY_START, msgs[:n]) == h["digest"]:
             return msgs[n:]
         if turn.resync:
-            s.reset()
+            in_fresh_thread(s.reset)
             s.system = None
             s.extra["history"] = {"count": 0, "digest": HISTORY_START}
             return msgs

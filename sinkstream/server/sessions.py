@@ -35,6 +35,7 @@ from pathlib import Path
 
 from safetensors import SafetensorError
 
+from ..batch import in_fresh_thread
 from ..cache import CacheConfig
 from ..session import Session, saved_log_folder
 from .errors import ApiError, bad_request
@@ -160,7 +161,7 @@ class SessionStore:
                 if self.count_on_disk() >= self.max_sessions:
                     raise ApiError(429, f"the server holds its limit of {self.max_sessions} sessions; delete some",
                                    code="too_many_sessions")
-                s = Session(self.model, self.tokenizer, self.cache_config, self.sampling)
+                s = in_fresh_thread(Session, self.model, self.tokenizer, self.cache_config, self.sampling)
                 s.extra = fresh_extra(self.model_id)
                 s.extra["id"] = sid
                 if system is not None:
@@ -187,7 +188,7 @@ class SessionStore:
         if not path.exists():
             raise ApiError(404, f"session {sid!r} not found", param="session", code="session_not_found")
         try:
-            s = Session.load(path, self.model, self.tokenizer)
+            s = in_fresh_thread(Session.load, path, self.model, self.tokenizer)
         except Exception as e:  # noqa: BLE001 - whatever a damaged file makes the loader raise
             raise damaged(sid, path, e) from None
         if s.extra.get("model") != self.model_id:
@@ -295,7 +296,7 @@ class SessionStore:
     def _save(self, sid: str, s: Session) -> None:
         s.extra["stats"] = asdict(s.stats())
         try:
-            s.save(self.path(sid))
+            in_fresh_thread(s.save, self.path(sid))
         except (OSError, SafetensorError) as e:  # a full or read-only disk (safetensors has its own error)
             raise ApiError(507, f"cannot save session {sid!r}: {getattr(e, 'strerror', None) or e}; this turn "
                                 f"is not kept, the session stays at its last saved turn",
