@@ -272,3 +272,12 @@ def test_short_prompts_go_whole_and_long_ones_in_budget_chunks(tiny):
     assert parts[id(short1)] == 40 and id(long) not in parts  # the short one used the step's budget
     parts = dict((id(f), n) for f, n in _plan_chunks([long, short1], budget=8, whole=100))
     assert parts[id(long)] == 64 and parts[id(short1)] == 40  # nobody decoding: chunks of the chunk size
+
+
+def test_in_fresh_thread_returns_raises_and_ends_its_thread():
+    from sinkstream.batch import in_fresh_thread
+    seen = []
+    assert in_fresh_thread(lambda a, b=0: (seen.append(threading.current_thread()), a + b)[1], 2, b=3) == 5
+    assert seen[0] is not threading.current_thread() and not seen[0].is_alive()
+    with pytest.raises(KeyError):
+        in_fresh_thread(lambda: {}["missing"])
