@@ -73,16 +73,14 @@ def _decode_together(kv: Packed, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     q = apply_rotary(q, cq, sq, interleaved=inter)
     k = apply_rotary(k, ck, sk, interleaved=inter)
     sinks = kv.layers[0].sinks
+    rotated = None
     if sinks:  # [caches, kv_heads, S, d]: each cache's sinks at this pass's positions
         rotated = apply_rotary(torch.cat([layer.sink_k for layer in kv.layers]).to(dtype), cs, ss, interleaved=inter)
     outs = []
     for i, (layer, plan) in enumerate(zip(kv.layers, kv.plans)):
-        s, n = plan.decode_slot, plan.read_len
-        if sinks:
-            layer.k[:, :, :sinks] = rotated[i:i + 1]
-        layer.k[:, :, s:s + 1] = k[:, :, i:i + 1]
-        layer.v[:, :, s:s + 1] = v[:, :, i:i + 1]
-        outs.append(_attend_view(q[:, :, i:i + 1], layer.k[:, :, :n], layer.v[:, :, :n], plan, None, None, scale))
+        kb, vb = layer.store_rotated(k[:, :, i:i + 1], v[:, :, i:i + 1], plan,
+                                     None if rotated is None else rotated[i:i + 1])
+        outs.append(_attend_view(q[:, :, i:i + 1], kb, vb, plan, None, None, scale))
     return torch.cat(outs, dim=2)
 
 

@@ -59,6 +59,18 @@ class KVBuffer:
         self._write(k_new, v_new, plan)
         return k_view, v_view
 
+    def store_rotated(self, k_rot: torch.Tensor, v_new: torch.Tensor, plan: Plan,
+                      sinks_rotated: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """`update` for one plain decode token (`Plan.plain_decode`) whose key, and the sinks, were already
+        rotated for this pass (by `attention._decode_together`, for many caches at once): store them and
+        return the view."""
+        if sinks_rotated is not None:
+            self.k[:, :, :self.sinks] = sinks_rotated
+        s, n = plan.decode_slot, plan.read_len
+        self.k[:, :, s:s + 1] = k_rot
+        self.v[:, :, s:s + 1] = v_new
+        return self.k[:, :, :n], self.v[:, :, :n]
+
     def _prerotate(self, k_new: torch.Tensor, plan: Plan) -> torch.Tensor:
         """Re-base if due, keep new sink keys un-rotated, rotate sinks for this pass; return rotated k_new."""
         S, rot, inter = self.sinks, self.rotary, self.rotary.cfg.interleaved
