@@ -128,8 +128,8 @@ def _attend_view(q, k, v, plan: Plan, mask, q_sink, scale: float) -> torch.Tenso
 def _decode_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     """Whether our CPU decode-attention kernel (sinkstream/kernels/attn.cpp) takes these tensors: one batch
     row, float32 queries, float32 or bfloat16 keys/values with contiguous rows. It reads each key and value
-    once for all the query heads sharing it, 20% faster than torch's SDPA on a 1K-token view (which is
-    bound by memory bandwidth: 1.5 MB per layer for SmolLM2 in float32)."""
+    once for all the query heads sharing it (torch's CPU SDPA is built for blocks of many queries); its
+    effect on decode is in docs/RESULTS.md (benchmarks/vs_llamacpp.py, before and after)."""
     return (q.device.type == "cpu" and q.shape[0] == 1 and q.dtype == torch.float32 and k.dtype == v.dtype
             and k.dtype in (torch.float32, torch.bfloat16) and k.stride(-1) == 1 and k.stride(-2) == k.shape[-1]
             and v.stride(-1) == 1 and v.stride(-2) == v.shape[-1] and kernels.available())

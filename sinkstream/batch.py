@@ -405,8 +405,9 @@ def in_fresh_thread(fn: Callable, *args, **kwargs):
     For tensor work (a cache allocated, a session loaded or saved) that a long-lived thread does beside a
     `Batcher`: OpenMP (libgomp) keeps a team of worker threads for every live thread that has run a parallel
     region, and once there are more of them than CPUs, every team stops spin-waiting between regions. The
-    batch thread's many small parallel regions then each wait for sleeping workers to wake: measured on 2
-    cores, a one-stream decode step went from 34 to 54 ms. A thread that ends takes its team with it.
+    batch thread's many small parallel regions then each wait for sleeping workers to wake (one server
+    session: 56 against 31 ms a token in benchmarks/server_concurrency.py, docs/RESULTS.md). A thread that
+    ends takes its team with it.
     """
     out: dict = {}
 
