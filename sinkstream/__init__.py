@@ -14,9 +14,10 @@ from .cache import CacheConfig
 from .errors import SinkstreamError
 from .generate import generate, generate_batch, stream_generate
 from .loading import load
+from .prefix import PrefixStore
 from .sampling import SamplingConfig
 from .session import Session
 
-__all__ = ["load", "Session", "CacheConfig", "SamplingConfig", "stream_generate", "generate", "generate_batch",
+__all__ = ["load", "Session", "CacheConfig", "SamplingConfig", "PrefixStore", "stream_generate", "generate", "generate_batch",
            "SinkstreamError"]
 __version__ = "0.1.0"

@@ -408,8 +408,12 @@ def in_fresh_thread(fn: Callable, *args, **kwargs):
     batch thread's many small parallel regions then each wait for sleeping workers to wake (one server
     session: 56 against 31 ms a token in benchmarks/server_concurrency.py, docs/RESULTS.md). A thread that
     ends takes its team with it.
+
+    The thread runs in a copy of the caller's context, so its forward passes take the caller's runner
+    (`using`).
     """
     out: dict = {}
+    context = contextvars.copy_context()
 
     def run():
         try:
@@ -417,7 +421,7 @@ def in_fresh_thread(fn: Callable, *args, **kwargs):
         except BaseException as e:  # noqa: BLE001 - raised again in the caller's thread
             out["error"] = e
 
-    t = threading.Thread(target=run, name="sinkstream-tensor-work")
+    t = threading.Thread(target=context.run, args=(run,), name="sinkstream-tensor-work")
     t.start()
     t.join()
     if "error" in out:

@@ -70,14 +70,21 @@ def _message(raw: bytes) -> str:
         return raw.decode("utf-8", "replace")[:200]
 
 
-def _open_session(remote: Remote, sid: str | None, system: str | None) -> dict:
-    if sid is not None:
+def _create_body(args, sid: str | None) -> dict:
+    body = {"id": sid, "system": args.system}
+    if getattr(args, "pin_system", False):
+        body["pin_system"] = True
+    return body
+
+
+def _open_session(remote: Remote, args) -> dict:
+    if args.session is not None:
         try:
-            return remote.request("GET", f"/v1/sessions/{sid}")
+            return remote.request("GET", f"/v1/sessions/{args.session}")
         except RemoteError as e:
             if e.status != 404:
                 raise
-    return remote.request("POST", "/v1/sessions", {"id": sid, "system": system})
+    return remote.request("POST", "/v1/sessions", _create_body(args, args.session))
 
 
 def _sampling(args) -> dict:
@@ -95,7 +102,7 @@ def _sampling(args) -> dict:
 
 def chat_remote(args) -> int:
     remote = Remote(args.server, args.api_key or os.environ.get("SINKSTREAM_API_KEY"))
-    info = _open_session(remote, args.session, args.system)
+    info = _open_session(remote, args)
     sid = info["id"]
     print(f"sinkstream chat: session {sid} on {remote.url} ({info['turns']} turns so far, cache {info['cache']}). "
           f"{HELP}", file=sys.stderr)
@@ -103,7 +110,7 @@ def chat_remote(args) -> int:
 
     def reset() -> str:
         remote.request("DELETE", f"/v1/sessions/{sid}")
-        state["info"] = remote.request("POST", "/v1/sessions", {"id": sid, "system": args.system})
+        state["info"] = remote.request("POST", "/v1/sessions", _create_body(args, sid))
         return f"[session {sid} started over]"
 
     def stats() -> str:

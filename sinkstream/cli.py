@@ -50,8 +50,10 @@ def _chat(args) -> int:
     from .repl import HELP, run_repl, stats_line
     from .session import Session
     model, tok = A.load_model(args)
-    s = Session(model, tok, A.cache_config(args), A.sampling_config(args), system=args.system)
-    print(f"sinkstream chat: {A.cache_config(args).describe()} cache. {HELP}", file=sys.stderr)
+    s = Session(model, tok, A.cache_config(args), A.sampling_config(args), system=args.system,
+                pin_system=args.pin_system)
+    pinned = f", system prompt pinned ({s.pinned} tokens)" if s.pinned else ""
+    print(f"sinkstream chat: {A.cache_config(args).describe()} cache{pinned}. {HELP}", file=sys.stderr)
 
     def reply(line: str) -> None:
         t0, last = time.perf_counter(), None
@@ -108,6 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("chat", help="interactive multi-round chat in one endless session")
     c.add_argument("--max-tokens", type=A.max_tokens, default=512, help="reply tokens per turn, -1 = endless")
     c.add_argument("--system", default=None, help="system prompt")
+    c.add_argument("--pin-system", action="store_true",
+                   help="keep the system prompt for ever: its tokens become the cache's sinks, never evicted")
     c.add_argument("--server", default=None, help="talk to a running `sinkstream serve` at this URL")
     c.add_argument("--session", default=None, help="server session id (with --server)")
     c.add_argument("--api-key", default=None, help="server API key (with --server)")

@@ -33,6 +33,8 @@ def add_cache_args(p: argparse.ArgumentParser, *, default_policy: str = "sink", 
                    help="dtype of the cached keys and values (auto: the model's; bfloat16 halves the bytes a "
                         "decode step reads; dense, window and sink caches)")
     g.add_argument("--prefill-chunk", type=int, default=512, help="tokens per forward pass in long prompts")
+    g.add_argument("--max-pinned", type=int, default=None,
+                   help="most tokens a pinned system prompt may take (default: half of sinks + window)")
     m = p.add_argument_group("memory cache (--cache memory)")
     m.add_argument("--block-size", type=int, default=64, help="evicted tokens per memory block (default 64)")
     # not --top-k: that flag is the sampler's
@@ -148,7 +150,8 @@ def cache_config(args) -> CacheConfig:
                            memory_budget=getattr(args, "memory_budget", None),
                            memory_dir=getattr(args, "memory_dir", None),
                            representative=getattr(args, "representative", "attention"),
-                           kv_dtype=None if getattr(args, "kv_dtype", "auto") == "auto" else args.kv_dtype)
+                           kv_dtype=None if getattr(args, "kv_dtype", "auto") == "auto" else args.kv_dtype,
+                           max_pinned=getattr(args, "max_pinned", None))
     except ValueError as e:
         raise SinkstreamError(str(e)) from None
 

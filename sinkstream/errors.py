@@ -19,3 +19,7 @@ class ContextOverflowError(SinkstreamError):
 
 class EmptyInputError(SinkstreamError, ValueError):
     """A pass was asked to feed no tokens (an empty prompt on a stream whose last token is already cached)."""
+
+
+class PinError(SinkstreamError, ValueError):
+    """A system prompt cannot be pinned: empty, longer than the cache's pin limit, or a policy without sinks."""

@@ -22,12 +22,20 @@ import torch
 
 from .cache import CacheConfig
 from .cache.blockstore import fsync_dir
-from .errors import EmptyInputError
+from .errors import EmptyInputError, PinError, SinkstreamError
 from .generate import GenerationResponse, stream_generate
 from .sampling import SamplingConfig, make_logits_processors, make_sampler
 from .tokenizer import encode, eos_token_ids, render_chat
 
 FORMAT_VERSION = 2  # 2: a memory cache's blocks and index pages are in a log folder named by the header
+
+
+def system_prefix(tokenizer, system: str) -> str:
+    """The template text every conversation with `system` starts with: all that the chat template renders
+    before the first user message's content (BOS, the system turn, the opening of the user turn)."""
+    mark = f"<user-{secrets.token_hex(16)}>"
+    text = render_chat(tokenizer, [{"role": "system", "content": system}, {"role": "user", "content": mark}])
+    return text[:text.index(mark)]
 
 
 def _digest(tensors: dict[str, torch.Tensor], meta_json: str) -> str:
@@ -88,17 +96,27 @@ class SessionStats:
     cache_bytes: int
     turns: int
     capacity: int | None
+    pinned: int = 0  # tokens at the stream's start kept for ever (a pinned system prompt)
 
 
 @dataclass
 class Session:
-    """`Session(model, tokenizer, cache=CacheConfig("sink", 4, 1020))`; `for r in s.chat("hi"): print(r.text)`."""
+    """`Session(model, tokenizer, cache=CacheConfig("sink", 4, 1020))`; `for r in s.chat("hi"): print(r.text)`.
+
+    A system prompt starts the stream when the session is made (or with `use_system`): the template text
+    before the first user message (`system_prefix`) is fed at once, through a `PrefixStore`, so sessions
+    with the same system prompt copy its cache state instead of computing it again. With
+    ``pin_system=True`` those tokens become the cache's sinks (`CacheConfig.pinned`): never evicted,
+    however long the chat, in a cache of the same size.
+    """
     model: object
     tokenizer: object
     cache_config: CacheConfig = field(default_factory=CacheConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     system: str | None = None
     extra: dict = field(default_factory=dict)  # the caller's JSON-able metadata, saved with the session
+    pin_system: bool = False  # keep the system prompt's tokens for ever (they become the sinks)
+    prefixes: object = None   # a `PrefixStore` for system prompts; None: `prefix.default_store()`; False: none
 
     RECENT_MESSAGES = 64   # `messages` keeps this many, for inspection: a chat may go on for ever
     REPLY_KEEP = 16384     # `last_reply` keeps the last this-many characters of an (endless) reply
@@ -107,7 +125,49 @@ class Session:
         self.reset()
 
     def reset(self) -> None:
-        self.cache = self.model.make_cache(self.cache_config)
+        """Start again from nothing but the system prompt (fed as the stream's first tokens, if there is one)."""
+        start = self._prefix(self.system) if self.system is not None and (self.system or self.pin_system) else None
+        self._fresh(start[2] if start else self.cache_config)
+        if start:
+            self._start(self.system, *start)
+
+    def use_system(self, system: str) -> None:
+        """Begin the stream with `system`'s prefix (pinned with ``pin_system``); only on a session that has
+        fed nothing yet. Raises `PinError` when it cannot be pinned (empty, longer than the cache allows)."""
+        if self.cache.seen or self.pending is not None or self.turns:
+            raise SinkstreamError("a system prompt starts a session: this one has already fed text")
+        text, ids, config = self._prefix(system)
+        if config != self.cache.config:
+            self.cache = self.model.make_cache(config)
+        self._start(system, text, ids, config)
+
+    def _prefix(self, system: str) -> tuple[str, list[int], CacheConfig]:
+        """(template text, its token ids, the cache config it needs) for a stream that starts with `system`."""
+        if self.pin_system and not system.strip():
+            raise PinError("the system prompt is empty: there is nothing to pin")
+        text = system_prefix(self.tokenizer, system)
+        ids = encode(self.tokenizer, text, start_of_stream=True)
+        if not self.pin_system:
+            return text, ids, self.cache_config
+        if system.strip() not in text:
+            raise PinError("this model's chat template does not put the system prompt before the first user "
+                           "message, so it cannot be pinned")
+        return text, ids, self.cache_config.pinned(len(ids))
+
+    def _start(self, system: str, text: str, ids: list[int], config: CacheConfig) -> None:
+        from .prefix import _feed, default_store
+        store = default_store() if self.prefixes is None else self.prefixes
+        if store is False:
+            _feed(self.model, self.cache, ids)
+        else:
+            store.fill(self.model, self.cache, ids)
+        self.system, self.prefix_text = system, text
+        self.pinned = len(ids) if self.pin_system else 0
+
+    def _fresh(self, config: CacheConfig) -> None:
+        self.cache = self.model.make_cache(config)
+        self.prefix_text: str | None = None  # the system prompt's template text, fed at the start
+        self.pinned = 0
         self.sampler = make_sampler(self.sampling, self.model.device)
         self.processors = make_logits_processors(self.sampling)
         self.stop_ids = eos_token_ids(self.tokenizer)
@@ -131,7 +191,13 @@ class Session:
         user = {"role": "user", "content": message}
         if self.last_reply is None:
             msgs = ([{"role": "system", "content": self.system}] if self.system else []) + [user]
-            return render_chat(self.tokenizer, msgs)
+            text = render_chat(self.tokenizer, msgs)
+            if self.prefix_text is None:
+                return text
+            if not text.startswith(self.prefix_text):  # a template that renders the system prompt per message
+                raise SinkstreamError("the chat template renders this first message's system prompt unlike the "
+                                      "one the session started with")
+            return text[len(self.prefix_text):]
         mark = f"<reply-{secrets.token_hex(16)}>"
         prev = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": mark}]
         full = render_chat(self.tokenizer, prev + [user])
@@ -188,7 +254,7 @@ class Session:
     # --- stats and persistence ----------------------------------------------------------------------
     def stats(self) -> SessionStats:
         return SessionStats(self.cache.seen, self.cache.cached, self.cache.nbytes, self.turns,
-                            self.cache.capacity)
+                            self.cache.capacity, self.pinned)
 
     def save(self, path: str | os.PathLike) -> None:
         """Atomically write the session to `path` (a .safetensors file with a JSON header + checksum).
@@ -226,7 +292,8 @@ class Session:
         if gen is not None:
             tensors["rng"] = gen.get_state().cpu()
         meta = {"version": FORMAT_VERSION, "cache": asdict(self.cache_config), "sampling": asdict(self.sampling),
-                "system": self.system, "pending": self.pending, "turns": self.turns, "last_reply": self.last_reply,
+                "system": self.system, "pin_system": self.pin_system, "pinned": self.pinned,
+                "prefix": self.prefix_text, "pending": self.pending, "turns": self.turns, "last_reply": self.last_reply,
                 "messages": self.messages[-64:], "extra": self.extra}
         if log is not None:
             meta["log"] = log
@@ -282,7 +349,11 @@ class Session:
         if not isinstance(version, int) or not 1 <= version <= FORMAT_VERSION:
             raise ValueError(f"session file {path} has format version {version!r}; this sinkstream reads "
                              f"versions 1 to {FORMAT_VERSION}")
-        s = cls(model, tokenizer, CacheConfig(**meta["cache"]), SamplingConfig(**meta["sampling"]), meta["system"])
+        config, pinned = CacheConfig(**meta["cache"]), int(meta.get("pinned") or 0)
+        # made with the cache it had (pinned: the sinks its prefix took), the prefix not fed: the state has it
+        s = cls(model, tokenizer, config.pinned(pinned) if pinned else config, SamplingConfig(**meta["sampling"]),
+                None, pin_system=bool(meta.get("pin_system")), prefixes=False)
+        s.cache_config, s.system, s.prefix_text, s.pinned = config, meta["system"], meta.get("prefix"), pinned
         if hasattr(s.cache, "open_log"):
             log = _log_entry(Path(path), meta)
             if log is None:

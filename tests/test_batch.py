@@ -281,3 +281,16 @@ def test_in_fresh_thread_returns_raises_and_ends_its_thread():
     assert seen[0] is not threading.current_thread() and not seen[0].is_alive()
     with pytest.raises(KeyError):
         in_fresh_thread(lambda: {}["missing"])
+
+
+def test_in_fresh_thread_keeps_the_callers_runner(tiny):
+    """A session made on a short-lived thread of a server request feeds its system prompt through the
+    request's Batcher, not beside it."""
+    from sinkstream.batch import DIRECT, Batcher, in_fresh_thread, runner_for, using
+    b = Batcher(tiny, start=False)
+    try:
+        with using(b):
+            assert in_fresh_thread(runner_for, tiny) is b
+        assert in_fresh_thread(runner_for, tiny) is DIRECT
+    finally:
+        b.close()

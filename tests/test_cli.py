@@ -83,6 +83,15 @@ def test_chat_repl_commands():
     assert "tok/s" in p.stderr
 
 
+def test_chat_pins_its_system_prompt():
+    p = run("chat", "--max-tokens", "8", "--window", "60", "--system", "You are terse.", "--pin-system",
+            stdin="What is 2+2?\n/reset\nAnd 3+3?\n/exit\n")
+    assert p.returncode == 0, p.stderr
+    assert "system prompt pinned (" in p.stderr and "tok/s" in p.stderr
+    p = run("chat", "--window", "60", "--system", "Remember all of this. " * 20, "--pin-system", stdin="/exit\n")
+    assert_user_error(p, "more than this cache's limit of 32")
+
+
 def test_core_imports_without_server_or_plot_packages():
     code = ("import sys, sinkstream, sinkstream.cli; sinkstream.cli.build_parser(); "
             "bad = [m for m in ('fastapi', 'uvicorn', 'matplotlib', 'starlette') if m in sys.modules]; "

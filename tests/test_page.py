@@ -79,7 +79,7 @@ def test_page_is_public_and_self_contained(server):
 
 
 def test_cache_layout_needs_the_key_and_follows_the_ring(server, http):
-    sid = http.post("/v1/sessions", json={"system": "be brief"}).json()["id"]
+    sid = http.post("/v1/sessions", json={}).json()["id"]  # no system prompt: an empty ring to start
     r = httpx.get(f"{server.url}/v1/sessions/{sid}/cache")
     assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
     lay = http.get(f"/v1/sessions/{sid}/cache").json()
@@ -262,7 +262,8 @@ def test_page_in_a_browser(server, http, browser):
     wait(d, lambda d: js(d, "return document.activeElement.id") == "prompt")
     item = d.find_element(By.CSS_SELECTOR, f'#session-list li[data-id="{sid}"] .pick')
     assert item.get_attribute("aria-current") == "true"
-    assert d.find_element(By.ID, "stat-seen").get_attribute("data-value") == "0"
+    fed = http.get(f"/v1/sessions/{sid}").json()["tokens_seen"]  # the system prompt, fed when it was made
+    assert fed > 0 and d.find_element(By.ID, "stat-seen").get_attribute("data-value") == str(fed)
 
     # two turns: text streams in, tokens seen and the window fill grow while it streams
     fills, seens = [], []

@@ -2,7 +2,7 @@
 the model)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 POLICIES = ("dense", "window", "sink", "recompute", "memory")
 REPRESENTATIVES = ("attention", "mean")
@@ -26,6 +26,8 @@ class CacheConfig:
     # (llama.cpp keeps its KV in float16 by default). Rotations and attention scores are computed as before
     # and rounded into the buffers' dtype only when stored.
     kv_dtype: str | None = None
+    # the most tokens a session may pin as its sinks (`pinned`); None: half the cache (sinks + window)
+    max_pinned: int | None = None
 
     def __post_init__(self):
         if self.policy not in POLICIES:
@@ -36,6 +38,8 @@ class CacheConfig:
             raise ValueError(f"window must be at least 1 token, got {self.window}")
         if self.prefill_chunk < 1:
             raise ValueError("prefill_chunk must be >= 1")
+        if self.max_pinned is not None and self.max_pinned < 1:
+            raise ValueError(f"max_pinned must be >= 1 token, got {self.max_pinned}")
         if self.kv_dtype not in KV_DTYPES:
             raise ValueError(f"unknown kv_dtype {self.kv_dtype!r} (choose from {', '.join(map(str, KV_DTYPES))})")
         if self.kv_dtype is not None and self.policy in ("memory", "recompute"):
@@ -48,6 +52,35 @@ class CacheConfig:
             if self.representative not in REPRESENTATIVES:
                 raise ValueError(f"unknown representative {self.representative!r} "
                                  f"(choose from {', '.join(REPRESENTATIVES)})")
+
+    @property
+    def pin_limit(self) -> int:
+        """The most tokens `pinned` accepts: ``max_pinned``, else half the cache."""
+        if self.max_pinned is not None:
+            return self.max_pinned
+        return (self.sinks + self.window) // 2
+
+    def pinned(self, n: int) -> "CacheConfig":
+        """This config with the stream's first `n` tokens pinned (a system prompt that is never evicted).
+
+        ``sink`` and ``memory``: those tokens become the sinks, kept for ever at positions 0..n-1, and the
+        window gives up what they take beyond the configured sinks, so the cache keeps its size
+        (sinks + window = n + new window). ``dense`` keeps every token anyway and is returned unchanged.
+        ``window`` and ``recompute`` keep no sinks: they raise `PinError`, as does an `n` beyond
+        `pin_limit`."""
+        from ..errors import PinError
+        if n < 1:
+            raise PinError("nothing to pin: the pinned prefix is empty")
+        if self.policy == "dense":
+            return self
+        if self.policy not in ("sink", "memory"):
+            raise PinError(f"the {self.policy} cache keeps no sinks, so it cannot pin a system prompt; "
+                           f"use --cache sink (or memory), or dense, which keeps everything")
+        if n > self.pin_limit:
+            raise PinError(f"the pinned prefix is {n} tokens, more than this cache's limit of {self.pin_limit} "
+                           f"(sinks + window = {self.sinks + self.window}; raise --max-pinned or the window, or "
+                           f"shorten the system prompt)")
+        return replace(self, sinks=n, window=self.sinks + self.window - n)
 
     def describe(self) -> str:
         if self.policy == "dense":

@@ -27,6 +27,7 @@ from starlette.middleware.cors import CORSMiddleware
 from ..batch import Batcher
 from ..cache import CacheConfig
 from ..errors import SinkstreamError
+from ..prefix import PrefixStore
 from ..sampling import SamplingConfig
 from .engine import Engine
 from .errors import ApiError, validation_error
@@ -52,6 +53,9 @@ class Settings:
     state_dir: str | None = None            # None: a temporary folder, sessions end with the process
     api_key: str | None = None
     limits: Limits = field(default_factory=Limits)
+    pin_system: bool = False                # sessions keep their system prompt for ever unless they ask not to
+    prefix_bytes: int = 256 << 20           # the shared-prefix store (system prompts computed once); 0: off
+    replica: str | None = None              # a name: one of several replicas sharing state_dir (sessions leased)
 
 
 class ServerState:
@@ -75,9 +79,11 @@ class ServerState:
                 self.tmp = tempfile.TemporaryDirectory(prefix="sinkstream-sessions-")
                 folder = self.tmp.name
             store = SessionStore(folder, model, tokenizer, model_id=s.model_id, cache_config=s.cache,
-                                 sampling=s.sampling, max_live=s.limits.max_live, max_sessions=s.limits.max_sessions)
+                                 sampling=s.sampling, max_live=s.limits.max_live, max_sessions=s.limits.max_sessions,
+                                 pin_system=s.pin_system, prefixes=PrefixStore(s.prefix_bytes), holder=s.replica)
             self.batcher = Batcher(model, prefill_budget=s.limits.prefill_budget,
                                    on_step=lambda st: self.metrics.step(st.feeds, st.seconds))
+            store.runner = self.batcher
             worker = Worker(s.limits.max_queue, threads=s.limits.max_batch, runner=self.batcher,
                             on_cancel=self.metrics.cancel,
                             on_start=lambda job: self.metrics.started(time.perf_counter() - job.submitted))
@@ -86,6 +92,15 @@ class ServerState:
         except Exception as e:  # noqa: BLE001 - reported on /health and by the CLI
             self.error = str(e) if isinstance(e, SinkstreamError) else f"{type(e).__name__}: {e}"
             on_error(self.error)
+
+    def close(self) -> None:
+        """Stop the request threads (running turns roll back) and the batch thread; drop a temporary folder."""
+        if self.engine is not None:
+            self.engine.worker.stop()
+        if self.batcher is not None:
+            self.batcher.close()
+        if self.tmp is not None:
+            self.tmp.cleanup()
 
     def need(self) -> Engine:
         if self.engine is None:
@@ -226,12 +241,7 @@ def create_app(settings: Settings, *, loader: Callable | None = None,
                              name="sinkstream-load")
         t.start()
         yield
-        if state.engine is not None:
-            state.engine.worker.stop()
-        if state.batcher is not None:
-            state.batcher.close()
-        if state.tmp is not None:
-            state.tmp.cleanup()
+        state.close()
 
     app = FastAPI(title="sinkstream", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None,
                   description="OpenAI-compatible server with endless, persistent sessions (see docs/SERVER.md).")
@@ -340,7 +350,7 @@ def create_app(settings: Settings, *, loader: Callable | None = None,
     def create_session(body: SessionCreate | None = None):
         store = state.need().store
         body = body or SessionCreate()
-        s = store.create(body.id, system=body.system)
+        s = store.create(body.id, system=body.system, pin_system=body.pin_system)
         return store.describe(s.extra["id"])
 
     @app.get("/v1/sessions", summary="list sessions (in memory and on disk)")

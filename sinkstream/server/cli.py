@@ -1,4 +1,5 @@
-"""`sinkstream serve`: flags, socket, uvicorn. Imports fastapi/uvicorn only when the command runs."""
+"""`sinkstream serve`: flags, socket, uvicorn. Imports fastapi/uvicorn only when the command runs, and ray only
+with --ray (then `ray_cli` runs the same settings as Ray Serve replicas, see sinkstream.deploy)."""
 from __future__ import annotations
 
 import argparse
@@ -32,11 +33,33 @@ def register(subparsers) -> None:
     p.add_argument("--max-queue", type=int, default=8, help="requests waiting beyond --max-batch; more get 503")
     p.add_argument("--max-live-sessions", type=int, default=8, help="sessions kept in memory (LRU)")
     p.add_argument("--max-sessions", type=int, default=1000, help="sessions kept in all (memory + disk)")
+    p.add_argument("--pin-system", action="store_true",
+                   help="sessions keep their system prompt for ever (its tokens become the cache's sinks) unless a "
+                        "request says \"pin_system\": false")
+    p.add_argument("--prefix-cache", type=A.parse_size, default=256 << 20, metavar="BYTES",
+                   help="memory for the KV of system prompts shared by sessions, computed once (e.g. 256M; 0: off)")
     p.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"])
+    add_ray_args(p)
     A.add_model_args(p)
     A.add_cache_args(p)
     A.add_sampling_args(p)
     p.set_defaults(func=serve)
+
+
+def add_ray_args(p: argparse.ArgumentParser) -> None:
+    """`--ray` and its options (the flags only: ray is imported when --ray runs; see sinkstream.deploy)."""
+    g = p.add_argument_group("Ray Serve (--ray; pip install 'sinkstream[ray]')")
+    g.add_argument("--ray", action="store_true",
+                   help="run --replicas engine replicas on Ray Serve behind Ray's HTTP proxy; each session stays on "
+                        "one replica and is saved in --state-dir, which every replica must reach")
+    g.add_argument("--replicas", type=A.positive_int, default=2, help="engine replicas (--ray)")
+    g.add_argument("--cpus-per-replica", type=A.positive_int, default=1,
+                   help="Ray CPUs each replica reserves, and its torch threads (--ray)")
+    g.add_argument("--ray-address", default=None,
+                   help="join this Ray cluster (e.g. 'auto' on a node of it) instead of starting one on this machine")
+    g.add_argument("--affinity", default="hash", choices=["hash", "multiplex"],
+                   help="how a session's requests find its replica: consistent hashing on the session id, or Ray's "
+                        "model multiplexing with the session id as the model id (see sinkstream.deploy)")
 
 
 def _check_state_dir(folder: Path) -> None:
@@ -67,26 +90,13 @@ def serve(args) -> int:
     try:
         import uvicorn
 
-        from .app import Settings, create_app, settings_id
-        from .schemas import Limits
+        from .app import create_app
     except ModuleNotFoundError as e:
         raise SinkstreamError(f"the server needs {e.name}: pip install 'sinkstream[server]'") from None
-    from ..loading import resolve
-    resolve(args.model)  # a missing model is a one-line error now, not a failed background load
-    A.check_device(args.device)
-    if args.state_dir is not None:
-        _check_state_dir(Path(args.state_dir))
-    for flag in ("max_tokens", "max_prompt_tokens", "max_body_bytes", "max_queue", "max_batch", "prefill_budget",
-                 "max_live_sessions", "max_sessions"):
-        if getattr(args, flag) < 1:
-            raise SinkstreamError(f"--{flag.replace('_', '-')} must be at least 1")
-    limits = Limits(max_tokens=args.max_tokens, max_prompt_tokens=args.max_prompt_tokens,
-                    max_body_bytes=args.max_body_bytes, max_queue=args.max_queue, max_batch=args.max_batch,
-                    prefill_budget=args.prefill_budget, max_live=args.max_live_sessions, max_sessions=args.max_sessions)
-    settings = Settings(model=args.model, model_id=args.model_name or settings_id(args.model), device=args.device,
-                        dtype=args.dtype, quant=args.quant, cache=A.cache_config(args),
-                        sampling=A.sampling_config(args), state_dir=args.state_dir, api_key=args.api_key or None,
-                        limits=limits)
+    settings = settings_from(args)
+    if args.ray:
+        from .ray_cli import serve_ray  # imports ray
+        return serve_ray(args, settings)
     failed = []
 
     def on_load_error(message: str) -> None:
@@ -106,3 +116,28 @@ def serve(args) -> int:
           file=sys.stderr, flush=True)
     server.run(sockets=[sock])
     return 2 if failed else 0
+
+
+def settings_from(args):
+    """The server's `Settings` from `sinkstream serve`'s flags, checked (a bad one is a one-line error now)."""
+    try:
+        from .app import Settings, settings_id
+        from .schemas import Limits
+    except ModuleNotFoundError as e:
+        raise SinkstreamError(f"the server needs {e.name}: pip install 'sinkstream[server]'") from None
+    from ..loading import resolve
+    resolve(args.model)  # a missing model is a one-line error now, not a failed background load
+    A.check_device(args.device)
+    if args.state_dir is not None:
+        _check_state_dir(Path(args.state_dir))
+    for flag in ("max_tokens", "max_prompt_tokens", "max_body_bytes", "max_queue", "max_batch", "prefill_budget",
+                 "max_live_sessions", "max_sessions"):
+        if getattr(args, flag) < 1:
+            raise SinkstreamError(f"--{flag.replace('_', '-')} must be at least 1")
+    limits = Limits(max_tokens=args.max_tokens, max_prompt_tokens=args.max_prompt_tokens,
+                    max_body_bytes=args.max_body_bytes, max_queue=args.max_queue, max_batch=args.max_batch,
+                    prefill_budget=args.prefill_budget, max_live=args.max_live_sessions, max_sessions=args.max_sessions)
+    return Settings(model=args.model, model_id=args.model_name or settings_id(args.model), device=args.device,
+                    dtype=args.dtype, quant=args.quant, cache=A.cache_config(args),
+                    sampling=A.sampling_config(args), state_dir=args.state_dir, api_key=args.api_key or None,
+                    limits=limits, pin_system=args.pin_system, prefix_bytes=args.prefix_cache)

@@ -11,6 +11,7 @@ import time
 from dataclasses import dataclass, field
 
 from ..batch import in_fresh_thread
+from ..errors import PinError
 from ..generate import GenerationResponse, stream_generate
 from ..sampling import SamplingConfig, make_logits_processors, make_sampler
 from ..session import Session
@@ -99,8 +100,9 @@ class Engine:
         self._check_length(n)
         if replay is not None:
             self._replay(job, s, head, replay)
-        elif head:  # a system prompt before the first user message
-            s.system, s.messages = head[0]["content"], s.messages + head
+        elif head:  # a system prompt before the first user message: the stream starts with it
+            self._use_system(s, head[0]["content"])
+            s.messages = s.messages + head
         self._use_sampling(s, turn)
         h = s.extra["history"]
         reply = ReplyChain(chain(h["digest"], new))  # hashes the reply as it streams: it is not kept whole
@@ -119,8 +121,8 @@ class Engine:
         if len(msgs) > n and chain(HISTORY_START, msgs[:n]) == h["digest"]:
             return msgs[n:]
         if turn.resync:
-            in_fresh_thread(s.reset)
             s.system = None
+            in_fresh_thread(s.reset)
             s.extra["history"] = {"count": 0, "digest": HISTORY_START}
             return msgs
         raise ApiError(409, f"messages do not continue session {turn.session!r}, which has seen {n} messages: "
@@ -140,6 +142,10 @@ class Engine:
 
     def _replay(self, job: Job, s: Session, head: list[dict], text: str) -> None:
         full = s.messages + head
+        if full[0]["role"] == "system" and s.prefix_text is None:
+            self._use_system(s, full[0]["content"])
+        if s.prefix_text is not None and text.startswith(s.prefix_text):  # already in the cache
+            text = text[len(s.prefix_text):]
         s.feed(text, progress=job.check)
         s.last_reply = full[-1]["content"]  # as if the model had just said it (Session closes it next turn)
         s.messages = list(full)
@@ -156,6 +162,14 @@ class Engine:
         self._use_sampling(s, turn)
         return self._pump(job, s.send(turn.prompt, max_tokens=turn.max_tokens, stop=turn.stop,
                                       progress=job.check))
+
+    @staticmethod
+    def _use_system(s: Session, system: str) -> None:
+        """Start the session's stream with `system` (pinned if the session pins), on a short-lived thread."""
+        try:
+            in_fresh_thread(s.use_system, system)
+        except PinError as e:
+            raise bad_request(str(e), param="messages", code="invalid_pin") from None
 
     @staticmethod
     def _check_kind(s: Session, kind: str) -> None:

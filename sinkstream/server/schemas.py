@@ -106,6 +106,9 @@ class CompletionRequest(Sampling):
 class SessionCreate(Body):
     id: SessionId | None = Field(None, description="default: a new random id")
     system: Text | None = Field(None, description="system prompt for the conversation")
+    pin_system: bool | None = Field(None, description="keep the system prompt for ever: its tokens become the "
+                                                      "cache's sinks, never evicted (default: the server's "
+                                                      "--pin-system)")
 
 
 @dataclass(frozen=True)

@@ -19,11 +19,23 @@ thread publishes after each completed turn (`describe`, `totals`).
 Chat history is checked, not stored: ``extra["history"]`` holds the number of messages the session has
 seen and a hash chain over them (role + stripped text), so a client that re-sends its whole history
 (as OpenAI clients do) can be checked against the session in O(1) memory, however long it runs.
+
+Shared folders (several replicas, `sinkstream.deploy`): every save writes ``extra["lease"] = {"epoch": n,
+"holder": name}``, n counting the session's saves (a file without one, from before leases, is epoch 0). A
+store given a `holder` name shares its folder: each save is a compare-and-swap under an exclusive lock
+(``flock``) on ``.<id>.safetensors.lock``, made only if the file still holds the epoch the live copy was
+loaded at or last saved (no file at all for a create). So two replicas never both write one session: the
+later one's turn is refused (409 ``session_conflict``) and its live copy dropped. Before a turn such a store
+compares its live copy's epoch with the file's header and reloads the session if another replica moved it
+on; and on start it removes only leftovers (tmp files, unnamed logs) older than an hour, which no replica's
+save in progress can own.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import os
 import re
 import secrets
 import shutil
@@ -35,8 +47,9 @@ from pathlib import Path
 
 from safetensors import SafetensorError
 
-from ..batch import in_fresh_thread
+from ..batch import in_fresh_thread, using
 from ..cache import CacheConfig
+from ..errors import PinError
 from ..session import Session, saved_log_folder
 from .errors import ApiError, bad_request
 from .layout import disk_layout, session_layout
@@ -45,6 +58,7 @@ SUFFIX = ".safetensors"
 SESSION_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # no dots or slashes: never a path outside the folder
 HISTORY_START = hashlib.sha256(b"sinkstream chat history").hexdigest()
 RECENT_MESSAGES = Session.RECENT_MESSAGES  # messages kept in memory and on disk for inspection
+SHARED_LEFTOVER_SECONDS = 3600  # a store sharing its folder removes tmp files and unnamed logs older than this
 
 
 def check_id(sid: str) -> str:
@@ -104,16 +118,37 @@ def damaged(sid: str, path: Path, e: Exception) -> ApiError:
                          f"the id", param="session", code="session_damaged")
 
 
+def new_session(*args, **kwargs) -> Session:
+    """`Session(...)`, with a system prompt that cannot be pinned answered as a 400."""
+    try:
+        return Session(*args, **kwargs)
+    except PinError as e:
+        raise bad_request(str(e), param="system", code="invalid_pin") from None
+
+
 def fresh_extra(model_id: str, created: int | None = None) -> dict:
     return {"model": model_id, "created": created or int(time.time()), "kind": None,
             "history": {"count": 0, "digest": HISTORY_START}}
+
+
+def lease_epoch(extra) -> int:
+    """The save count in a session's ``extra["lease"]``; 0 for a file saved before leases existed."""
+    lease = extra.get("lease") if isinstance(extra, dict) else None
+    epoch = lease.get("epoch") if isinstance(lease, dict) else None
+    return epoch if isinstance(epoch, int) and epoch >= 0 else 0
 
 
 class SessionStore:
     """Create, find, save, roll back and delete sessions. Thread-safe; one request per session at a time."""
 
     def __init__(self, folder: str | Path, model, tokenizer, *, model_id: str, cache_config, sampling,
-                 max_live: int = 8, max_sessions: int = 1000):
+                 max_live: int = 8, max_sessions: int = 1000, pin_system: bool = False, prefixes=None,
+                 runner=None, holder: str | None = None):
+        self.holder = holder          # a name: one of several replicas sharing the folder (see the lease above)
+        self.shared = holder is not None
+        self.pin_system = pin_system  # the default for sessions created with a system prompt
+        self.prefixes = prefixes      # `PrefixStore` for system prompts (None: the process's default store)
+        self.runner = runner          # the `Batcher` a new session's system prompt is fed through
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
         self.model, self.tokenizer, self.model_id = model, tokenizer, model_id
@@ -125,9 +160,11 @@ class SessionStore:
         self.lock = threading.RLock()      # the tables above; never held across disk I/O
         self.creating = threading.Lock()   # one create at a time (id and limit checks + the first save)
         for tmp in self.folder.glob(f".*{SUFFIX}.*.tmp"):  # saves cut short by a crash
-            tmp.unlink(missing_ok=True)
+            if self._leftover(tmp):
+                tmp.unlink(missing_ok=True)
         for log in self.folder.glob(f"*{SUFFIX}.*.kvlog"):  # block logs no session file names
-            if saved_log_folder(log.parent / log.name[:log.name.index(SUFFIX) + len(SUFFIX)]) != log:
+            if saved_log_folder(log.parent / log.name[:log.name.index(SUFFIX) + len(SUFFIX)]) != log \
+                    and self._leftover(log):
                 shutil.rmtree(log, ignore_errors=True)
 
     # --- names ----------------------------------------------------------------------------------------
@@ -148,7 +185,13 @@ class SessionStore:
         return len(self.live)
 
     # --- lifecycle ------------------------------------------------------------------------------------
-    def create(self, sid: str | None = None, *, system: str | None = None) -> Session:
+    def create(self, sid: str | None = None, *, system: str | None = None,
+               pin_system: bool | None = None) -> Session:
+        """A new session, saved before it is returned; a system prompt is fed now (copied from the prefix
+        store when another session started with it), pinned when `pin_system` (None: the server default)."""
+        pin = self.pin_system if pin_system is None else pin_system
+        if pin_system and system is None:
+            raise bad_request("pin_system needs a system prompt", param="pin_system", code="pin_without_system")
         sid = check_id(sid) if sid is not None else new_id()
         with self.creating:
             with self.lock:
@@ -161,14 +204,15 @@ class SessionStore:
                 if self.count_on_disk() >= self.max_sessions:
                     raise ApiError(429, f"the server holds its limit of {self.max_sessions} sessions; delete some",
                                    code="too_many_sessions")
-                s = in_fresh_thread(Session, self.model, self.tokenizer, self.cache_config, self.sampling)
+                with using(self.runner):
+                    s = in_fresh_thread(new_session, self.model, self.tokenizer, self.cache_config, self.sampling,
+                                        system, pin_system=pin, prefixes=self.prefixes)
                 s.extra = fresh_extra(self.model_id)
                 s.extra["id"] = sid
                 if system is not None:
-                    s.system = system
                     s.messages = [{"role": "system", "content": system}]
                     s.extra["history"] = {"count": 1, "digest": chain(HISTORY_START, s.messages)}
-                self._save(sid, s)
+                self._save(sid, s, new=True)
                 self._keep(sid, s)
             finally:
                 self.release(sid)
@@ -178,12 +222,17 @@ class SessionStore:
         """The live session, loading it from disk if it is not in memory (404 if there is none).
 
         Called for a reserved session (see `acquire`), so nobody else loads or changes it meanwhile; the
-        file is read outside the lock, which other requests need.
+        file is read outside the lock, which other requests need. A store sharing its folder first checks
+        that the file still holds its live copy's epoch, and reloads the session if another replica saved it.
         """
         with self.lock:
-            if sid in self.live:
+            live = self.live.get(sid)
+            if live is not None:
                 self.live.move_to_end(sid)
-                return self.live[sid]
+        if live is not None:
+            if not self.shared or self._file_epoch(sid) == lease_epoch(live.extra):
+                return live
+            self.rollback(sid)  # moved on (or deleted) by another replica: its file is the session now
         path = self.path(sid)
         if not path.exists():
             raise ApiError(404, f"session {sid!r} not found", param="session", code="session_not_found")
@@ -216,14 +265,16 @@ class SessionStore:
                 raise ApiError(429, f"session {sid!r} is answering a request; try again", code="session_busy")
             self.busy.add(sid)  # held while the file goes (outside the lock)
         try:
-            if not path.exists():
-                raise ApiError(404, f"session {sid!r} not found", param="session_id", code="session_not_found")
-            with self.lock:
-                self.live.pop(sid, None)
-                self.views.pop(sid, None)
-            path.unlink()
-            for log in self.folder.glob(f"{sid}{SUFFIX}.*.kvlog"):  # its block log (memory cache)
-                shutil.rmtree(log, ignore_errors=True)
+            with self._exclusive(sid, remove=True):  # sharing: no replica's save runs meanwhile
+                if not path.exists():
+                    raise ApiError(404, f"session {sid!r} not found", param="session_id",
+                                   code="session_not_found")
+                with self.lock:
+                    self.live.pop(sid, None)
+                    self.views.pop(sid, None)
+                path.unlink()
+                for log in self.folder.glob(f"{sid}{SUFFIX}.*.kvlog"):  # its block log (memory cache)
+                    shutil.rmtree(log, ignore_errors=True)
         finally:
             self.release(sid)
 
@@ -243,18 +294,25 @@ class SessionStore:
     def describe(self, sid: str, *, messages: bool = False, layout: bool = False) -> dict:
         """What a client may see of a session, as of its last completed turn: the view published by the
         thread that ran it, or the file's header (no tensors read). Any thread; never touches a live Session.
-        ``layout=True`` adds ``"layout"``: the cache layout (`sinkstream.server.layout`) of that turn."""
+        ``layout=True`` adds ``"layout"``: the cache layout (`sinkstream.server.layout`) of that turn.
+        Sharing the folder, the view counts only while the file holds its epoch (no other replica saved)."""
         with self.lock:
             view = self.views.get(sid)
+        disk = None
+        if view is not None and self.shared:
+            disk = self._header(sid)
+            if lease_epoch(disk["extra"]) != lease_epoch(view["extra"]):
+                view = None
         in_memory = view is not None
         if view is None:
-            view = self._header(sid)
+            view = disk or self._header(sid)
         extra, stats = view["extra"], view["stats"]
         out = {"id": sid, "object": "session", "created": extra.get("created"), "model": extra.get("model"),
                "kind": extra.get("kind"), "in_memory": in_memory, "turns": view["turns"],
                "messages_seen": extra.get("history", {}).get("count", 0), "tokens_seen": stats.get("tokens_seen", 0),
                "tokens_cached": stats.get("tokens_cached", 0), "cache_capacity": stats.get("capacity"),
-               "cache_bytes": stats.get("cache_bytes", 0), "cache": view["cache"]}
+               "cache_bytes": stats.get("cache_bytes", 0), "cache": view["cache"],
+               "pinned_tokens": stats.get("pinned", 0)}
         if messages:
             out["recent_messages"] = view["messages"][-RECENT_MESSAGES:]
         if layout:
@@ -267,7 +325,7 @@ class SessionStore:
         stats = asdict(s.stats())
         return {"extra": json.loads(json.dumps(s.extra)), "turns": s.turns,
                 "messages": [dict(m) for m in s.messages[-RECENT_MESSAGES:]], "stats": stats,
-                "cache": s.cache_config.describe(), "layout": session_layout(s, stats)}
+                "cache": s.cache.config.describe(), "layout": session_layout(s, stats)}
 
     def _header(self, sid: str) -> dict:
         from safetensors import safe_open
@@ -279,6 +337,8 @@ class SessionStore:
                 meta = json.loads((f.metadata() or {})["sinkstream"])
             extra = meta.get("extra") or fresh_extra("?")
             config, stats = CacheConfig(**meta["cache"]), extra.get("stats", {})
+            if meta.get("pinned"):  # the cache it runs: the pinned prompt took the sinks' place
+                config = config.pinned(int(meta["pinned"]))
             return {"extra": extra, "turns": meta["turns"], "messages": meta["messages"],
                     "stats": stats, "cache": config.describe(), "layout": disk_layout(config, stats)}
         except Exception as e:  # noqa: BLE001 - any unreadable header is a damaged file
@@ -293,14 +353,92 @@ class SessionStore:
                 "bytes": sum(st["cache_bytes"] for st in stats)}
 
     # --- internals ------------------------------------------------------------------------------------
-    def _save(self, sid: str, s: Session) -> None:
+    def _save(self, sid: str, s: Session, *, new: bool = False) -> None:
+        """Save `s` with the next epoch (`new`: the first save, of a session no file holds yet). Sharing the
+        folder, the save is made under the session's lock and only if the file still holds the epoch `s` came
+        with (409 otherwise); on any failure `s` keeps its old lease."""
         s.extra["stats"] = asdict(s.stats())
+        held = None if new else lease_epoch(s.extra)
+        old = s.extra.get("lease")
+        s.extra["lease"] = {"epoch": (held or 0) + 1, "holder": self.holder}
         try:
-            in_fresh_thread(s.save, self.path(sid))
-        except (OSError, SafetensorError) as e:  # a full or read-only disk (safetensors has its own error)
-            raise ApiError(507, f"cannot save session {sid!r}: {getattr(e, 'strerror', None) or e}; this turn "
-                                f"is not kept, the session stays at its last saved turn",
-                           code="session_save_failed") from None
+            with self._exclusive(sid):
+                on_disk = self._file_epoch(sid) if self.shared else held
+                if on_disk != held:
+                    raise self._conflict(sid, held, on_disk)
+                in_fresh_thread(s.save, self.path(sid))
+        except BaseException as e:
+            if old is None:
+                s.extra.pop("lease", None)
+            else:
+                s.extra["lease"] = old
+            if isinstance(e, (OSError, SafetensorError)):  # a full or read-only disk (safetensors has its own)
+                raise ApiError(507, f"cannot save session {sid!r}: {getattr(e, 'strerror', None) or e}; this "
+                                    f"turn is not kept, the session stays at its last saved turn",
+                               code="session_save_failed") from None
+            raise
+
+    @staticmethod
+    def _conflict(sid: str, held: int | None, on_disk: int | None) -> ApiError:
+        if held is None:
+            return ApiError(409, f"session {sid!r} already exists", param="id", code="session_exists")
+        if on_disk is None:
+            return ApiError(404, f"session {sid!r} was deleted meanwhile; this turn is not kept", param="session",
+                            code="session_not_found")
+        return ApiError(409, f"session {sid!r} was continued by another replica meanwhile (its save {on_disk}, "
+                             f"this replica's copy is at save {held}); this turn is not kept: send it again",
+                        param="session", code="session_conflict")
+
+    def _file_epoch(self, sid: str) -> int | None:
+        """The epoch in the session file's header (reads no tensors); None if there is no file."""
+        try:
+            return lease_epoch(self._header(sid)["extra"])
+        except ApiError as e:
+            if e.status == 404:
+                return None
+            raise
+
+    @contextlib.contextmanager
+    def _exclusive(self, sid: str, *, remove: bool = False):
+        """Sharing the folder: hold an exclusive ``flock`` on ``.<id>.safetensors.lock`` (every replica that
+        mounts the folder sees it; the kernel drops it if the process dies). `remove`: unlink the lock file
+        before letting go (a delete); whoever then holds the unlinked file notices and locks the new one.
+        Not sharing: nothing to do."""
+        if not self.shared:
+            yield
+            return
+        import fcntl
+        lock = self.folder / f".{check_id(sid)}{SUFFIX}.lock"
+        while True:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                try:
+                    if os.fstat(fd).st_ino == os.stat(lock).st_ino:
+                        break
+                except FileNotFoundError:
+                    pass
+            except BaseException:
+                os.close(fd)
+                raise
+            os.close(fd)
+        try:
+            yield
+        finally:
+            if remove:
+                with contextlib.suppress(OSError):
+                    lock.unlink()
+            os.close(fd)  # releases the lock
+
+    def _leftover(self, path: Path) -> bool:
+        """Whether a tmp file or unnamed log found on start is safe to remove: always when this store is the
+        folder's only user; sharing it, only when older than any save in progress could be."""
+        if not self.shared:
+            return True
+        try:
+            return time.time() - path.stat().st_mtime > SHARED_LEFTOVER_SECONDS
+        except OSError:
+            return False
 
     def _keep(self, sid: str, s: Session) -> None:
         """Publish `s` (called by the thread that owns it) at the young end of the LRU and drop the oldest
