@@ -5,8 +5,9 @@ Sections (``--sections create,decode,rules,ppl``), each printing a plain-text ta
   create  --sessions sessions made with the same system prompt of about --prompt-tokens tokens (the start of
           the bundled Pride and Prejudice excerpt after an instruction), pinned, cache sink(4, --create-window),
           KV in --kv-dtype: once with a `PrefixStore` (the first computes, the rest copy) and once without
-          (every session prefills). Reports total and median time per session, the ratio, the KV bytes a
-          session holds and the RSS growth per session (sessions are kept alive until the variant ends).
+          (every session prefills), each in a process of its own. Reports total and median time per session,
+          the ratio, the KV bytes a session's buffers can hold and the RSS growth per session (sessions are
+          kept alive until the variant ends; buffers are touched as they fill).
   decode  ms/token of decode steps on a full cache of --create-window + 4 tokens: 4 sinks against pinned
           prefixes of --decode-pins tokens (the sinks are rotated into place each pass: pinned tokens cost
           time per token too), runs alternating, median of --decode-repeats.
@@ -35,6 +36,8 @@ import gc
 import json
 import os
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -69,33 +72,46 @@ def rss() -> int:
     return psutil.Process().memory_info().rss
 
 
-# --- create -------------------------------------------------------------------------------------------
-def create(model, tok, args) -> dict:
+# --- create -----------------------------------------------------------------------------------------
+def create_variant(model, tok, args) -> dict:
+    """Make --sessions sessions (kept alive) with or without a store (--create-variant); in a process of its
+    own, so the RSS growth is this variant's alone."""
     system = long_system(tok, args.prompt_tokens)
     cfg = CacheConfig("sink", 4, args.create_window, kv_dtype=args.kv_dtype)
+    store = PrefixStore(1 << 30) if args.create_variant == "shared" else False
+    gc.collect()
+    base, times, sessions = rss(), [], []
+    t0 = time.perf_counter()
+    for _ in range(args.sessions):
+        t = time.perf_counter()
+        sessions.append(Session(model, tok, cfg, SamplingConfig(temperature=0), system=system, pin_system=True,
+                                prefixes=store))
+        times.append(time.perf_counter() - t)
+    total = time.perf_counter() - t0
+    s = sessions[0]
+    return {"total_s": total, "median_ms": statistics.median(times) * 1e3, "first_ms": times[0] * 1e3,
+            "rest_mean_ms": statistics.mean(times[1:]) * 1e3 if len(times) > 1 else None,
+            "pinned": s.pinned, "kv_bytes": s.cache.nbytes, "rss_per_session": (rss() - base) / args.sessions,
+            "store_bytes": store.nbytes if store else 0, "cache": s.cache.config.describe()}
+
+
+def create(model, tok, args) -> dict:
     out = {}
-    print(f"\n== create: {args.sessions} sessions, same system prompt, pinned, {cfg.describe()} "
-          f"(kv {args.kv_dtype or model.dtype}); load {load_avg()}", flush=True)
-    for name, store in (("shared", PrefixStore(1 << 30)), ("not shared", False)):
-        gc.collect()
-        base, times, sessions = rss(), [], []
-        t0 = time.perf_counter()
-        for _ in range(args.sessions):
-            t = time.perf_counter()
-            sessions.append(Session(model, tok, cfg, SamplingConfig(temperature=0), system=system, pin_system=True,
-                                    prefixes=store))
-            times.append(time.perf_counter() - t)
-        total = time.perf_counter() - t0
-        grown = (rss() - base) / args.sessions
-        s = sessions[0]
-        row = {"total_s": total, "median_ms": statistics.median(times) * 1e3, "first_ms": times[0] * 1e3,
-               "pinned": s.pinned, "kv_bytes": s.cache.nbytes, "rss_per_session": grown,
-               "store_bytes": store.nbytes if store else 0}
+    print(f"\n== create: {args.sessions} sessions, one system prompt of about {args.prompt_tokens} tokens, pinned, "
+          f"sink(4,{args.create_window}) (kv {args.kv_dtype or model.dtype}); each variant in its own process; "
+          f"load {load_avg()}", flush=True)
+    for name in ("shared", "not shared"):
+        cmd = [sys.executable, __file__, "--create-variant", "shared" if name == "shared" else "unshared",
+               "--sessions", str(args.sessions), "--prompt-tokens", str(args.prompt_tokens),
+               "--create-window", str(args.create_window), "--kv-dtype", str(args.kv_dtype or "auto"),
+               "--quant", args.quant] + (["--model", args.model] if args.model else [])
+        done = subprocess.run(cmd, capture_output=True, text=True, check=True)
+        row = json.loads(done.stdout.strip().splitlines()[-1])
         out[name] = row
-        print(f"  {name:11s} total {total:7.2f} s  median {row['median_ms']:8.1f} ms/session  first "
-              f"{row['first_ms']:7.1f} ms  pinned {s.pinned} tokens  KV {s.cache.nbytes / 2**20:.1f} MiB/session  "
-              f"RSS +{grown / 2**20:.1f} MiB/session  store {row['store_bytes'] / 2**20:.1f} MiB", flush=True)
-        del sessions, s
+        print(f"  {name:11s} total {row['total_s']:7.2f} s  median {row['median_ms']:7.1f} ms/session  first "
+              f"{row['first_ms']:6.1f} ms  others' mean {row['rest_mean_ms']:6.1f} ms  {row['cache']}  "
+              f"KV {row['kv_bytes'] / 2**20:.1f} MiB/session  RSS +{row['rss_per_session'] / 2**20:.1f} MiB/session  "
+              f"store {row['store_bytes'] / 2**20:.1f} MiB", flush=True)
     ratio = out["not shared"]["total_s"] / out["shared"]["total_s"]
     per = out["not shared"]["median_ms"] / out["shared"]["median_ms"]
     out["ratio_total"], out["ratio_median"] = ratio, per
@@ -245,10 +261,15 @@ def main() -> None:
     p.add_argument("--decode-steps", type=int, default=32)
     p.add_argument("--decode-repeats", type=int, default=5)
     p.add_argument("--json", default=None, help="also write the results here")
+    p.add_argument("--create-variant", choices=["shared", "unshared"], default=None,
+                   help=argparse.SUPPRESS)  # one variant of the create section, run by it in a subprocess
     args = p.parse_args()
     extra = {} if args.quant == "auto" else {"quant": args.quant}
     model, tok = sinkstream.load(args.model, quiet=True, **extra)
     args.kv_dtype = None if args.kv_dtype in ("auto", "none") else args.kv_dtype
+    if args.create_variant:
+        print(json.dumps(create_variant(model, tok, args)))
+        return
     print(f"model {args.model or 'SmolLM2-135M-Instruct'} ({model.dtype}, quant {args.quant}), torch threads "
           f"{torch.get_num_threads()}, {os.cpu_count()} CPUs", flush=True)
     results = {}

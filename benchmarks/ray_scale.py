@@ -44,18 +44,17 @@ import argparse
 import asyncio
 import json
 import os
-import re
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections import Counter
 from pathlib import Path
 
 import httpx
+
+from sinkstream.server.process import ServeProcess
 
 TOPICS = ["a lighthouse keeper who finds a message in a bottle", "a city built on the back of a giant turtle",
           "the first winter of a colony on Mars", "a clockmaker who can repair time itself",
@@ -65,56 +64,27 @@ TOPICS = ["a lighthouse keeper who finds a message in a bottle", "a city built o
 RUNNING: list["Cluster"] = []  # stopped by main() whatever happens
 
 
-class Cluster:
+class Cluster(ServeProcess):
     """`sinkstream serve --ray` (or the plain server) in its own process group; `.url` once /health is 200."""
 
     def __init__(self, flags: list[str], *, ray: bool, threads: int, ready_timeout: float):
         self.state = tempfile.TemporaryDirectory(prefix="sinkstream-ray-state-")
         self.raytmp = tempfile.TemporaryDirectory(prefix="ssray-")  # Ray's socket paths must stay short
-        cmd = [sys.executable, "-m", "sinkstream", "serve", "--port", "0", "--state-dir", self.state.name, *flags]
-        if ray:
-            cmd.insert(4, "--ray")
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "RAY_TMPDIR": self.raytmp.name, "RAY_USAGE_STATS_ENABLED": "0",
-               "OMP_NUM_THREADS": str(threads)}
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, text=True,
-                                     start_new_session=True)
+        super().__init__((["--ray"] if ray else []) + ["--port", "0", "--state-dir", self.state.name, *flags],
+                         env={"RAY_TMPDIR": self.raytmp.name, "RAY_USAGE_STATS_ENABLED": "0",
+                              "OMP_NUM_THREADS": str(threads)}, new_session=True)
         RUNNING.append(self)
-        self.log: list[str] = []
-        self.url: str | None = None
         self.pids: set[int] = set()  # replica processes seen in answers
-        found = threading.Event()
-
-        def drain():
-            for line in self.proc.stderr:
-                self.log.append(line)
-                m = re.search(r"serving \S+ on (http://\S+)", line)
-                if m and self.url is None:
-                    self.url = m.group(1)
-                    found.set()
-
-        threading.Thread(target=drain, daemon=True).start()
         t0 = time.perf_counter()
         try:
-            while not found.wait(0.2):
-                if self.proc.poll() is not None or time.perf_counter() - t0 > ready_timeout:
-                    raise RuntimeError("server did not start:\n" + "".join(self.log[-40:]))
-            while httpx.get(self.url + "/health", timeout=30).status_code != 200:
-                if time.perf_counter() - t0 > ready_timeout:
-                    raise RuntimeError("server never became healthy:\n" + "".join(self.log[-40:]))
-                time.sleep(0.2)
+            self.wait_healthy(ready_timeout)
         except BaseException:
             self.stop()
             raise
         self.ready_s = time.perf_counter() - t0
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(timeout=30)
+        super().stop(60, group=True)
         for pid in self.pids:  # replicas run in their own process groups; SIGINT normally ends them
             try:
                 os.kill(pid, signal.SIGKILL)

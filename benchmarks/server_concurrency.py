@@ -49,12 +49,13 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import httpx
+
+from sinkstream.server.process import ServeProcess
 
 ROOT = Path(__file__).resolve().parent.parent
 TEXT = ROOT / "sinkstream" / "data" / "pride_and_prejudice_excerpt.txt"
@@ -97,60 +98,24 @@ def without_flag(flags: list[str], name: str) -> list[str]:
 RUNNING: list["Server"] = []  # stopped by main() whatever happens
 
 
-class Server:
+class Server(ServeProcess):
     """`python -m sinkstream serve --port 0 --state-dir TMP FLAGS` in a subprocess; `.url` once /health is 200."""
 
     def __init__(self, flags: list[str], *, threads: int | None, ready_timeout: float):
         self.state = tempfile.TemporaryDirectory(prefix="sinkstream-conc-")
-        self.cmd = [sys.executable, "-m", "sinkstream", "serve", "--port", "0", "--state-dir", self.state.name,
-                    *flags]
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        if threads:
-            env["OMP_NUM_THREADS"] = str(threads)
-        self.proc = subprocess.Popen(self.cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env,
-                                     text=True)
+        super().__init__(["--port", "0", "--state-dir", self.state.name, *flags],
+                         env={"OMP_NUM_THREADS": str(threads)} if threads else None)
         RUNNING.append(self)
-        self.log: list[str] = []
-        self.url: str | None = None
-        found = threading.Event()
-
-        def drain():
-            for line in self.proc.stderr:
-                self.log.append(line)
-                m = re.search(r"serving \S+ on (http://\S+)", line)
-                if m and self.url is None:
-                    self.url = m.group(1)
-                    found.set()
-
-        threading.Thread(target=drain, daemon=True).start()
         t0 = time.perf_counter()
-        deadline = t0 + ready_timeout
         try:
-            while not found.wait(0.1):
-                if self.proc.poll() is not None or time.perf_counter() > deadline:
-                    raise RuntimeError("server did not start:\n" + "".join(self.log[-30:]))
-            while True:
-                try:
-                    if httpx.get(self.url + "/health", timeout=5).status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                if self.proc.poll() is not None or time.perf_counter() > deadline:
-                    raise RuntimeError("server never became healthy:\n" + "".join(self.log[-30:]))
-                time.sleep(0.1)
+            self.wait_healthy(ready_timeout)
         except BaseException:
             self.stop()
             raise
         self.ready_s = time.perf_counter() - t0
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=15)
+        super().stop(15)
         self.state.cleanup()
         if self in RUNNING:
             RUNNING.remove(self)

@@ -1,6 +1,7 @@
 """Tokenizer, chat template and a streaming detokenizer that never splits a UTF-8 character."""
 from __future__ import annotations
 
+import weakref
 from pathlib import Path
 
 
@@ -11,15 +12,28 @@ def load_tokenizer(folder: str | Path):
     return AutoTokenizer.from_pretrained(str(folder))
 
 
+_MARKS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "<|endoftext|>", "<eos>", "<start_of_turn>")
+_marks_seen: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _marks(tokenizer) -> dict[str, int]:
+    """The ids of the turn marks above that the vocabulary has. `get_vocab` builds a dict of the whole
+    vocabulary (19 ms for SmolLM2's 49K tokens), so this is worked out once per tokenizer and vocabulary size."""
+    size = len(tokenizer)
+    hit = _marks_seen.get(tokenizer)
+    if hit is None or hit[0] != size:
+        vocab = tokenizer.get_vocab()
+        hit = (size, {m: vocab[m] for m in _MARKS if m in vocab})
+        _marks_seen[tokenizer] = hit
+    return hit[1]
+
+
 def eos_token_ids(tokenizer) -> set[int]:
     """Every id that ends a reply: the tokenizer's EOS and the end-of-turn marks of the families we run."""
     ids: set[int] = set()
     if tokenizer.eos_token_id is not None:
         ids.add(int(tokenizer.eos_token_id))
-    vocab = tokenizer.get_vocab()
-    for mark in ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "<|endoftext|>", "<eos>"):
-        if mark in vocab:
-            ids.add(vocab[mark])
+    ids.update(i for m, i in _marks(tokenizer).items() if m != "<start_of_turn>")
     return ids
 
 
@@ -42,7 +56,7 @@ def encode(tokenizer, text: str, *, start_of_stream: bool) -> list[int]:
 def render_chat(tokenizer, messages: list[dict], *, add_generation_prompt: bool = True) -> str:
     """Render messages with the model's own chat template (transformers renders it in a Jinja sandbox)."""
     template = getattr(tokenizer, "chat_template", None)
-    if not template and "<start_of_turn>" in tokenizer.get_vocab():
+    if not template and "<start_of_turn>" in _marks(tokenizer):
         template = _GEMMA_TURNS
     if template:
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,

@@ -3,16 +3,12 @@
 from __future__ import annotations
 
 import os
-import re
 import signal
-import subprocess
-import sys
-import threading
-import time
 from pathlib import Path
 
-import httpx
 import torch
+
+from sinkstream.server.process import ServeProcess
 
 
 def tiny_chat_model(path: Path) -> Path:
@@ -38,59 +34,21 @@ def tiny_chat_model(path: Path) -> Path:
     return path
 
 
-class Server:
+class Server(ServeProcess):
     """`python -m sinkstream serve --port 0 ...` in a subprocess; `.url` once /health says 200."""
 
     def __init__(self, *args: str, ready_timeout: float = 90):
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-        self.proc = subprocess.Popen([sys.executable, "-m", "sinkstream", "serve", "--port", "0", *args],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, text=True)
-        self.log: list[str] = []
-        self.url: str | None = None
+        super().__init__(["--port", "0", *args], env={"OMP_NUM_THREADS": "1"})
         self.saw_loading = False
-        found = threading.Event()
 
-        def drain():
-            for line in self.proc.stderr:
-                self.log.append(line)
-                m = re.search(r"serving \S+ on (http://\S+)", line)
-                if m and self.url is None:
-                    self.url = m.group(1)
-                    found.set()
-
-        threading.Thread(target=drain, daemon=True).start()
-        deadline = time.monotonic() + ready_timeout
-        while not found.wait(0.1):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError("server did not start:\n" + "".join(self.log))
-        while time.monotonic() < deadline:
-            try:
-                r = httpx.get(self.url + "/health", timeout=5)
-                if r.status_code == 200:
-                    return
-                self.saw_loading |= r.status_code == 503
-            except httpx.TransportError:
-                pass
-            if self.proc.poll() is not None:
-                break
-            time.sleep(0.1)
-        self.stop()
-        raise RuntimeError("server never became healthy:\n" + "".join(self.log))
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
+        def seen(status: int) -> None:
+            self.saw_loading |= status == 503
+        try:
+            self.wait_healthy(ready_timeout, on_status=seen)
+        except BaseException:
+            self.stop()
+            raise
 
     def kill9(self) -> None:
         os.kill(self.proc.pid, signal.SIGKILL)
         self.proc.wait(timeout=30)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=15)

@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -31,6 +30,7 @@ import pytest
 pytest.importorskip("fastapi")
 
 from inprocess import shared_tiny_chat  # noqa: E402
+from sinkstream.server.process import ServeProcess  # noqa: E402
 from sinkstream import CacheConfig, SamplingConfig  # noqa: E402
 
 SINK = CacheConfig("sink", sinks=4, window=60)
@@ -201,34 +201,18 @@ def test_two_replica_processes_race_for_one_session(tiny_chat, tmp_path, tmp_pat
 
 
 # --- Ray Serve -------------------------------------------------------------------------------------------------
-class RayServer:
+class RayServer(ServeProcess):
     """`sinkstream serve --ray` in its own process group (the Ray cluster it starts is in it too)."""
 
     def __init__(self, *args: str, ready_timeout: float = 240):
         self.tmp = tempfile.mkdtemp(prefix="ssray-")  # Ray's socket paths must stay short
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "RAY_TMPDIR": self.tmp,
-               "RAY_USAGE_STATS_ENABLED": "0"}
-        self.proc = subprocess.Popen([sys.executable, "-m", "sinkstream", "serve", "--ray", "--port", "0", *args],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, text=True,
-                                     start_new_session=True)
-        self.log: list[str] = []
-        self.url = None
-        found = threading.Event()
-
-        def drain():
-            for line in self.proc.stderr:
-                self.log.append(line)
-                m = re.search(r"serving \S+ on (http://\S+)", line)
-                if m and self.url is None:
-                    self.url = m.group(1)
-                    found.set()
-
-        threading.Thread(target=drain, daemon=True).start()
-        deadline = time.monotonic() + ready_timeout
-        while not found.wait(0.2):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError("the Ray server did not start:\n" + "".join(self.log[-60:]))
+        super().__init__(["--ray", "--port", "0", *args], new_session=True,
+                         env={"OMP_NUM_THREADS": "1", "RAY_TMPDIR": self.tmp, "RAY_USAGE_STATS_ENABLED": "0"})
+        try:
+            self.wait_url(ready_timeout)
+        except BaseException:
+            self.stop()
+            raise
 
     def group(self) -> list[int]:
         """The pids still alive in the server's process group."""
@@ -237,12 +221,7 @@ class RayServer:
 
     def stop(self) -> int | None:
         """SIGINT, as a user would; SIGKILL the whole group if it is not gone within 60 s."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                pass
+        self.interrupt(60)
         deadline = time.monotonic() + 20
         while self.group() and time.monotonic() < deadline:
             time.sleep(0.5)

@@ -24,9 +24,11 @@ class KVBuffer:
                  sinks: int = 0):
         self.max_slots = max_slots or slots
         self.rotary, self.sinks = rotary, sinks
-        self.k = torch.zeros(batch, kv_heads, slots, head_dim, dtype=dtype, device=device)
-        self.v = torch.zeros(batch, kv_heads, slots, v_head_dim or head_dim, dtype=dtype, device=device)
-        self.sink_k = torch.zeros(batch, kv_heads, sinks, head_dim, dtype=dtype, device=device) \
+        # uninitialised: a plan reads only slots it wrote (``read_len``), so memory is touched as the cache
+        # fills (many short sessions cost what they hold, a new one copies its prefix without a memset first)
+        self.k = torch.empty(batch, kv_heads, slots, head_dim, dtype=dtype, device=device)
+        self.v = torch.empty(batch, kv_heads, slots, v_head_dim or head_dim, dtype=dtype, device=device)
+        self.sink_k = torch.empty(batch, kv_heads, sinks, head_dim, dtype=dtype, device=device) \
             if rotary is not None and sinks else None
 
     @property
@@ -41,7 +43,7 @@ class KVBuffer:
         new = min(max(need, 2 * cap), self.max_slots)
         for name in ("k", "v"):
             old = getattr(self, name)
-            buf = old.new_zeros(*old.shape[:2], new, old.shape[3])
+            buf = old.new_empty(*old.shape[:2], new, old.shape[3])
             buf[:, :, :cap] = old
             setattr(self, name, buf)
 

@@ -79,10 +79,10 @@ class StreamCache:
         """Hook run once a `run` call has fed everything (the memory policy enforces its RAM budget)."""
 
     def raw_keys(self, layer: int) -> torch.Tensor:
-        """Layer `layer`'s stored keys [batch, kv_heads, slots, head_dim] as the model produced them
+        """Layer `layer`'s stored keys [batch, kv_heads, filled slots, head_dim] as the model produced them
         (un-rotated), slot by slot: for inspection, tests and policies that need positionless keys."""
         buf, slots = self.layers[layer], self.groups[self.layer_group[layer]]
-        k = buf.k[:, :, :slots.size].clone()
+        k = buf.k[:, :, :slots.filled].clone()
         if buf.rotary is None:
             return k
         S, tok = slots.sinks, slots.slot_token[:k.shape[2]]
