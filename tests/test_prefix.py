@@ -245,6 +245,15 @@ def test_server_pins_system_prompts(tiny_chat, tmp_path):
                 "messages": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "hi"}]})
             assert r.status_code == 200, r.text
             assert http.get("/v1/sessions/d").json()["pinned_tokens"] == n
+            # a session rebuilt from other messages ("resync") starts again from their system prompt, pinned
+            r = http.post("/v1/chat/completions", json={
+                "model": "tiny", "session": "d", "resync": True, "max_tokens": 4,
+                "messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"},
+                             {"role": "assistant", "content": "hello"}, {"role": "user", "content": "again"}]})
+            assert r.status_code == 200, r.text
+            d = srv.store.get("d")
+            assert d.pinned == len(prefix_ids(tiny_chat[1], "Be brief.")) and d.system == "Be brief."
+            assert http.get("/v1/sessions/d").json()["pinned_tokens"] == d.pinned
             # bad input
             r = http.post("/v1/sessions", json={"id": "e", "system": "Remember this. " * 40})
             assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_pin"
