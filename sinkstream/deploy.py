@@ -34,7 +34,9 @@ lease sees to that, but each move reloads the session from disk).
 
 Back-pressure: each replica takes ``max_ongoing_requests = max_batch + max_queue`` requests (its request
 threads and its own queue, so it never refuses for a full queue itself) and each gateway holds at most
-``max_queued_requests = max_queue x replicas`` more, beyond which Ray raises `BackPressureError`: 503. A second
+``max_queued_requests = max_queue x replicas`` more, beyond which Ray raises `BackPressureError`: 503. (The
+replica's own queue holds max_batch more than Ray sends it: Ray frees a request's slot when its stream closes,
+a moment before the engine has cancelled the job, and a request let in meanwhile waits.) A second
 request for a session that is answering one is 429 ``session_busy`` from its replica, as on one machine.
 """
 from __future__ import annotations
@@ -95,7 +97,10 @@ class Replica:
         from .server.app import create_app
         torch.set_num_threads(max(1, int(options.cpus_per_replica)))
         self.name = serve.get_replica_context().replica_id.unique_id
-        self.app = create_app(dataclasses.replace(settings, replica=self.name))
+        # Ray counts a request done when its stream closes, while the engine may still be cancelling its job:
+        # the app's own queue has room for max_batch more, so such an overlap waits instead of getting 503
+        limits = dataclasses.replace(settings.limits, max_queue=settings.limits.max_queue + settings.limits.max_batch)
+        self.app = create_app(dataclasses.replace(settings, replica=self.name, limits=limits))
         self.state = self.app.state.sinkstream
         errors: list[str] = []
         self.state.load(load, errors.append)  # here, not in a thread: Ray routes nothing here before it ends

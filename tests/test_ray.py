@@ -340,18 +340,25 @@ def test_ray_cluster_sessions_stay_put_and_survive_a_replica_kill(tmp_path, tmp_
         others[0].wait_for(3)  # the replica's second request thread
         others.append(Stream(srv.url, mine[2], hist[mine[2]]))
         time.sleep(2.0)  # the third waits in the replica's own queue: three requests, its max_ongoing_requests
-        waiting = [in_thread(lambda sid=sid: http.post("/v1/completions", json={
-            "prompt": "x", "max_tokens": 2, "session": sid})) for sid in mine[1:]]
-        time.sleep(2.0)  # both wait in the gateway's queue (max_queued_requests = 1 x 2 replicas)
-        full = http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}],
-                                                       "session": mine[0], "append": True, "max_tokens": 2},
-                         timeout=30)
+        # three more requests for this replica's sessions: Ray's queue (max_queued_requests = 1 x 2 replicas)
+        # holds two, whichever come first, and the third is refused at once: 503 with Retry-After
+        extra = [in_thread(lambda sid=sid: http.post("/v1/completions", json={
+            "prompt": "x", "max_tokens": 2, "session": sid}, timeout=60)) for sid in mine]
+        deadline = time.monotonic() + 30
+        while all(t.is_alive() for t in extra):
+            assert time.monotonic() < deadline, "no request was refused"
+            time.sleep(0.05)
+        time.sleep(1.0)
+        refused = [t for t in extra if not t.is_alive()]
+        assert len(refused) == 1, [t.result().text for t in refused]
+        full = refused[0].result()
         assert full.status_code == 503 and full.json()["error"]["code"] == "queue_full", full.text
         assert full.headers.get("retry-after") == "1"
         for s in [first, *others]:
             s.close()
-        for w in waiting:  # answered once the streams let go: a chat session refuses a text turn (400)
-            assert w.result().status_code in (400, 429), w.result().text
+        for w in extra:  # the queued two are answered once the streams let go: a chat session refuses a
+            if w is not refused[0]:  # text turn (400), or its cancelled turn is still letting go (429)
+                assert w.result().status_code in (400, 429), w.result().text
         for sid in mine:  # the hung-up turns were not kept
             deadline = time.monotonic() + 30
             while http.get(f"/v1/sessions/{sid}").json()["turns"] != 2:
