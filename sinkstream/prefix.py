@@ -75,21 +75,22 @@ class PrefixStore:
             _feed(model, cache, ids)
             return False
         key = self.key(model, cache, ids)
-        with self._lock:
-            building = self._building.setdefault(key, threading.Lock())
-        with building:  # one fill per key computes; the others wait here, then copy
-            entry = self._get(key, model)
-            if entry is not None:
-                cache.load_state(entry.state)
-                return True
-            self.misses += 1
-            _feed(model, cache, ids)
-            if self.storable(cache):
-                self._put(key, model, cache.state())
-        with self._lock:
-            if self._building.get(key) is building and not building.locked():
-                del self._building[key]
-        return False
+        entry = self._get(key, model)
+        if entry is None:
+            with self._lock:  # a key being computed has a lock here until it is stored
+                building = self._building.setdefault(key, threading.Lock())
+            with building:  # one fill per key computes; the others wait here, then copy
+                entry = self._get(key, model)
+                if entry is None:
+                    self.misses += 1
+                    _feed(model, cache, ids)
+                    if self.storable(cache):
+                        self._put(key, model, cache.state())
+                    with self._lock:
+                        self._building.pop(key, None)
+                    return False
+        cache.load_state(entry.state)
+        return True
 
     def _get(self, key: tuple, model) -> _Entry | None:
         with self._lock:
@@ -123,6 +124,16 @@ class PrefixStore:
         with self._lock:
             self._entries.clear()
             self.nbytes = 0
+
+
+def fill_prefix(model, cache, ids: list[int], store: "PrefixStore | None | bool" = None) -> bool:
+    """Feed `ids` into a fresh `cache` through `store` (None: `default_store()`; False: no store, just feed);
+    True when the state was copied from the store."""
+    store = default_store() if store is None else store
+    if store is False:
+        _feed(model, cache, ids)
+        return False
+    return store.fill(model, cache, ids)
 
 
 def _feed(model, cache, ids: list[int]) -> None:

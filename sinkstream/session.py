@@ -126,10 +126,12 @@ class Session:
 
     def reset(self) -> None:
         """Start again from nothing but the system prompt (fed as the stream's first tokens, if there is one)."""
-        start = self._prefix(self.system) if self.system is not None and (self.system or self.pin_system) else None
-        self._fresh(start[2] if start else self.cache_config)
-        if start:
-            self._start(self.system, *start)
+        if self.system is None or not (self.system or self.pin_system):
+            self._fresh(self.cache_config)
+            return
+        text, ids, config = self._prefix(self.system)
+        self._fresh(config)
+        self._start(self.system, text, ids)
 
     def use_system(self, system: str) -> None:
         """Begin the stream with `system`'s prefix (pinned with ``pin_system``); only on a session that has
@@ -139,7 +141,7 @@ class Session:
         text, ids, config = self._prefix(system)
         if config != self.cache.config:
             self.cache = self.model.make_cache(config)
-        self._start(system, text, ids, config)
+        self._start(system, text, ids)
 
     def _prefix(self, system: str) -> tuple[str, list[int], CacheConfig]:
         """(template text, its token ids, the cache config it needs) for a stream that starts with `system`."""
@@ -154,13 +156,9 @@ class Session:
                            "message, so it cannot be pinned")
         return text, ids, self.cache_config.pinned(len(ids))
 
-    def _start(self, system: str, text: str, ids: list[int], config: CacheConfig) -> None:
-        from .prefix import _feed, default_store
-        store = default_store() if self.prefixes is None else self.prefixes
-        if store is False:
-            _feed(self.model, self.cache, ids)
-        else:
-            store.fill(self.model, self.cache, ids)
+    def _start(self, system: str, text: str, ids: list[int]) -> None:
+        from .prefix import fill_prefix
+        fill_prefix(self.model, self.cache, ids, self.prefixes)
         self.system, self.prefix_text = system, text
         self.pinned = len(ids) if self.pin_system else 0
 

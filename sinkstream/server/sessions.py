@@ -35,7 +35,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
 import re
 import secrets
 import shutil
@@ -53,12 +52,12 @@ from ..errors import PinError
 from ..session import Session, saved_log_folder
 from .errors import ApiError, bad_request
 from .layout import disk_layout, session_layout
+from .lease import conflict, exclusive, lease_epoch, old_leftover
 
 SUFFIX = ".safetensors"
 SESSION_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # no dots or slashes: never a path outside the folder
 HISTORY_START = hashlib.sha256(b"sinkstream chat history").hexdigest()
 RECENT_MESSAGES = Session.RECENT_MESSAGES  # messages kept in memory and on disk for inspection
-SHARED_LEFTOVER_SECONDS = 3600  # a store sharing its folder removes tmp files and unnamed logs older than this
 
 
 def check_id(sid: str) -> str:
@@ -129,13 +128,6 @@ def new_session(*args, **kwargs) -> Session:
 def fresh_extra(model_id: str, created: int | None = None) -> dict:
     return {"model": model_id, "created": created or int(time.time()), "kind": None,
             "history": {"count": 0, "digest": HISTORY_START}}
-
-
-def lease_epoch(extra) -> int:
-    """The save count in a session's ``extra["lease"]``; 0 for a file saved before leases existed."""
-    lease = extra.get("lease") if isinstance(extra, dict) else None
-    epoch = lease.get("epoch") if isinstance(lease, dict) else None
-    return epoch if isinstance(epoch, int) and epoch >= 0 else 0
 
 
 class SessionStore:
@@ -365,7 +357,7 @@ class SessionStore:
             with self._exclusive(sid):
                 on_disk = self._file_epoch(sid) if self.shared else held
                 if on_disk != held:
-                    raise self._conflict(sid, held, on_disk)
+                    raise conflict(sid, held, on_disk)
                 in_fresh_thread(s.save, self.path(sid))
         except BaseException as e:
             if old is None:
@@ -378,16 +370,17 @@ class SessionStore:
                                code="session_save_failed") from None
             raise
 
-    @staticmethod
-    def _conflict(sid: str, held: int | None, on_disk: int | None) -> ApiError:
-        if held is None:
-            return ApiError(409, f"session {sid!r} already exists", param="id", code="session_exists")
-        if on_disk is None:
-            return ApiError(404, f"session {sid!r} was deleted meanwhile; this turn is not kept", param="session",
-                            code="session_not_found")
-        return ApiError(409, f"session {sid!r} was continued by another replica meanwhile (its save {on_disk}, "
-                             f"this replica's copy is at save {held}); this turn is not kept: send it again",
-                        param="session", code="session_conflict")
+    def _exclusive(self, sid: str, *, remove: bool = False):
+        """Sharing the folder: the session's lock (`lease.exclusive` on ``.<id>.safetensors.lock``); else
+        nothing to hold."""
+        if not self.shared:
+            return contextlib.nullcontext()
+        return exclusive(self.folder / f".{check_id(sid)}{SUFFIX}.lock", remove=remove)
+
+    def _leftover(self, path: Path) -> bool:
+        """Whether a tmp file or unnamed log found on start is safe to remove: always when this store is the
+        folder's only user; sharing it, only when older than any save in progress could be."""
+        return not self.shared or old_leftover(path)
 
     def _file_epoch(self, sid: str) -> int | None:
         """The epoch in the session file's header (reads no tensors); None if there is no file."""
@@ -397,48 +390,6 @@ class SessionStore:
             if e.status == 404:
                 return None
             raise
-
-    @contextlib.contextmanager
-    def _exclusive(self, sid: str, *, remove: bool = False):
-        """Sharing the folder: hold an exclusive ``flock`` on ``.<id>.safetensors.lock`` (every replica that
-        mounts the folder sees it; the kernel drops it if the process dies). `remove`: unlink the lock file
-        before letting go (a delete); whoever then holds the unlinked file notices and locks the new one.
-        Not sharing: nothing to do."""
-        if not self.shared:
-            yield
-            return
-        import fcntl
-        lock = self.folder / f".{check_id(sid)}{SUFFIX}.lock"
-        while True:
-            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX)
-                try:
-                    if os.fstat(fd).st_ino == os.stat(lock).st_ino:
-                        break
-                except FileNotFoundError:
-                    pass
-            except BaseException:
-                os.close(fd)
-                raise
-            os.close(fd)
-        try:
-            yield
-        finally:
-            if remove:
-                with contextlib.suppress(OSError):
-                    lock.unlink()
-            os.close(fd)  # releases the lock
-
-    def _leftover(self, path: Path) -> bool:
-        """Whether a tmp file or unnamed log found on start is safe to remove: always when this store is the
-        folder's only user; sharing it, only when older than any save in progress could be."""
-        if not self.shared:
-            return True
-        try:
-            return time.time() - path.stat().st_mtime > SHARED_LEFTOVER_SECONDS
-        except OSError:
-            return False
 
     def _keep(self, sid: str, s: Session) -> None:
         """Publish `s` (called by the thread that owns it) at the young end of the LRU and drop the oldest
