@@ -365,9 +365,18 @@ def test_ray_cluster_sessions_stay_put_and_survive_a_replica_kill(tmp_path, tmp_
                 assert time.monotonic() < deadline
                 time.sleep(0.1)
 
-        # SIGKILL the replica answering a stream, mid-stream
+        # SIGKILL the replica answering a stream, mid-stream (once the session's hung-up turn has let go:
+        # until then a new turn is 429 session_busy)
         cut_sid = mine[0]
-        cut = Stream(srv.url, cut_sid, hist[cut_sid])
+        deadline = time.monotonic() + 30
+        while True:
+            cut = Stream(srv.url, cut_sid, hist[cut_sid])
+            while cut.status is None and cut.thread.is_alive():
+                time.sleep(0.01)
+            if cut.status != 429:
+                break
+            assert time.monotonic() < deadline, "the session stayed busy"
+            time.sleep(0.2)
         cut.wait_for(5)
         assert cut.headers["x-sinkstream-replica"] == victim_rep
         pid = int(cut.headers["x-sinkstream-pid"])
