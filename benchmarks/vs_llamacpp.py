@@ -20,7 +20,8 @@ anonymous memory). Settings: llama.cpp ``n_ctx = context + 64`` (more if the ste
 512``, ``n_threads = n_threads_batch = --threads``, llama-cpp-python defaults otherwise (mmap on, flash
 attention off, f16 KV cache); sinkstream ``sink(4, context - 4)``, so its cache is full after the prefill
 and every timed step evicts a token, in ``--dtype`` (float32) with ``--quant`` (auto: the file's own
-quantization). Both get ``OMP_NUM_THREADS = --threads``.
+quantization), its KV in ``--kv-dtype`` (default the model's dtype; bfloat16 matches llama.cpp's f16 cache
+byte for byte). Both get ``OMP_NUM_THREADS = --threads``.
 
 The table shows medians over the rounds and sinkstream / llama.cpp ratios, the file size and the load
 average before and after the file's runs, with a warning when other work competed for the cores: both
@@ -121,7 +122,7 @@ def worker_sinkstream(spec: dict) -> dict:
     t = time.perf_counter()
     model, _ = sinkstream.load(spec["path"], device="cpu", dtype=spec["dtype"], quant=spec["quant"], quiet=True)
     load = time.perf_counter() - t
-    cache = model.make_cache(sinkstream.CacheConfig("sink", sinks=4, window=ctx - 4))
+    cache = model.make_cache(sinkstream.CacheConfig("sink", sinks=4, window=ctx - 4, kv_dtype=spec["kv_dtype"]))
     with torch.inference_mode():
         t = time.perf_counter()
         cache.run(model, torch.tensor([ids[:ctx]]))
@@ -223,7 +224,8 @@ def table(info: dict, rows: list[dict], args) -> str:
 def bench_file(path: str, args, log) -> tuple[dict, list[dict]]:
     """Alternate the engines on `path`; (file info, rows)."""
     ids = token_ids(path, args.context + WARMUP + args.steps, args.seed)
-    spec = dict(path=path, context=args.context, threads=args.threads, ids=ids, dtype=args.dtype, quant=args.quant)
+    spec = dict(path=path, context=args.context, threads=args.threads, ids=ids, dtype=args.dtype, quant=args.quant,
+                kv_dtype=args.kv_dtype)
     info = dict(path=path, size=os.path.getsize(path), read_s=read_once(path), loadavg_before=os.getloadavg())
     rows = []
     for rnd in range(args.rounds):
@@ -255,6 +257,8 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0, help="seed of the token ids")
     p.add_argument("--quant", default="auto", help="sinkstream.load(quant=...) (default auto)")
     p.add_argument("--dtype", default="float32", help="sinkstream.load(dtype=...) (default float32)")
+    p.add_argument("--kv-dtype", default=None, help="sinkstream's CacheConfig.kv_dtype (default: the model's dtype); "
+                   "bfloat16 holds as many bytes a key as llama.cpp's default f16 cache")
     p.add_argument("--sinkstream-env", action="append", default=[], metavar="KEY=VAL",
                    help="environment for the sinkstream runs only (repeatable)")
     p.add_argument("--llama-python", default=DEFAULT_LLAMA_PYTHON, help="python of the llama-cpp-python venv")

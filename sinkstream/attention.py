@@ -76,6 +76,15 @@ def _decode_together(kv: Packed, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     rotated = None
     if sinks:  # [caches, kv_heads, S, d]: each cache's sinks at this pass's positions
         rotated = apply_rotary(torch.cat([layer.sink_k for layer in kv.layers]).to(dtype), cs, ss, interleaved=inter)
+    if _many_kernel(kv, q, k):  # stores and attends for every cache in one call of our kernel
+        b, h, n, d = q.shape  # n: one token per cache
+        kvh = k.shape[1]
+        o = torch.ops.sinkstream.decode_attention_many(
+            q[0].transpose(0, 1).reshape(n, kvh, h // kvh, d).contiguous(), k[0].transpose(0, 1).contiguous(),
+            v[0].transpose(0, 1).contiguous(), None if rotated is None else rotated.contiguous(),
+            [layer.k for layer in kv.layers], [layer.v for layer in kv.layers],
+            [p.decode_slot for p in kv.plans], [p.read_len for p in kv.plans], scale)
+        return o.view(n, h, -1).transpose(0, 1).unsqueeze(0)
     outs = []
     for i, (layer, plan) in enumerate(zip(kv.layers, kv.plans)):
         kb, vb = layer.store_rotated(k[:, :, i:i + 1], v[:, :, i:i + 1], plan,
@@ -133,6 +142,18 @@ def _decode_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     return (q.device.type == "cpu" and q.shape[0] == 1 and q.dtype == torch.float32 and k.dtype == v.dtype
             and k.dtype in (torch.float32, torch.bfloat16) and k.stride(-1) == 1 and k.stride(-2) == k.shape[-1]
             and v.stride(-1) == 1 and v.stride(-2) == v.shape[-1] and kernels.available())
+
+
+def _many_kernel(kv: Packed, q: torch.Tensor, k: torch.Tensor) -> bool:
+    """Whether `_decode_together`'s caches can store and attend in one call of our kernel
+    (``decode_attention_many``, which does `KVBuffer.store_rotated`'s writes itself): float32 queries on the
+    CPU, every buffer one contiguous batch row in one dtype that `_decode_kernel` takes."""
+    if q.device.type != "cpu" or q.dtype != torch.float32 or q.shape[0] != 1 or not kernels.available():
+        return False
+    dtype = kv.layers[0].k.dtype
+    return dtype in (torch.float32, torch.bfloat16) and all(
+        layer.k.dtype == dtype and layer.v.dtype == dtype and layer.k.shape[0] == 1
+        and layer.k.is_contiguous() and layer.v.is_contiguous() for layer in kv.layers)
 
 
 def _sdpa(q, k, v, plan: Plan, mask, q_sink, scale: float) -> torch.Tensor:

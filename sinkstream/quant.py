@@ -159,10 +159,12 @@ def few_token_rows(chunks: list[tuple[int, int, int, int]]) -> list[bool]:
 def rows_by_stream(few: list[bool], rows: list[int] | None = None):
     """Within the block, a quantized linear layer multiplying packed tokens whose rows `few` marks (see
     `few_token_rows`), or the `rows` of them that get logits, computes each row as its stream would alone."""
-    few = torch.tensor(few, dtype=torch.bool)
-    groups = {few.numel(): few}
-    if rows is not None and len(rows) != few.numel():
-        groups[len(rows)] = few[torch.tensor(rows, dtype=torch.long)] if rows else few[:0]
+    def summary(marks: list[bool]):  # True or False when every row agrees (no tensor work per layer), else a mask
+        return True if all(marks) else False if not any(marks) else torch.tensor(marks, dtype=torch.bool)
+
+    groups = {len(few): summary(few)}
+    if rows is not None and len(rows) != len(few):
+        groups[len(rows)] = summary([few[r] for r in rows])
     token = _ROW_GROUPS.set(groups)
     try:
         yield
@@ -272,9 +274,9 @@ class QuantLinear(nn.Module):
         few = groups.get(x.shape[0]) if groups is not None else None
         if few is None:
             return self._few(x) if x.shape[0] < MANY_TOKENS else self._many(x)
-        if bool(few.all()):
+        if few is True:
             return self._few(x)
-        if not bool(few.any()):
+        if few is False:
             return self._many(x)
         y = torch.empty(x.shape[0], self.out_features, dtype=torch.float32)
         y[few] = self._few(x[few])

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
+from . import kernels
+
 
 @dataclass(frozen=True)
 class RopeConfig:
@@ -139,7 +141,13 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, inter
     """x: [batch, heads, n, head_dim]; cos/sin: [n, rotary_dim]. Rotates the first rotary_dim dims.
 
     Written as two multiply-adds per half into one output tensor: no rotate-half copy, no temporaries
-    (this runs on every key of a view for caches that rotate at attention time)."""
+    (this runs on every key of a view for caches that rotate at attention time). float32 on the CPU with 2-D
+    tables: one call of our kernel (sinkstream/kernels/norm.cpp), the same formula."""
+    if (x.device.type == "cpu" and x.dtype == cos.dtype == sin.dtype == torch.float32 and x.dim() == 4
+            and cos.dim() == 2 and cos.shape[0] == x.shape[2] and x.stride(-1) == 1 and cos.is_contiguous()
+            and sin.is_contiguous()
+            and kernels.available()):
+        return torch.ops.sinkstream.rotary(x, cos, sin, interleaved)
     rd = cos.shape[-1]
     half = rd // 2
     out = torch.empty_like(x)

@@ -92,6 +92,31 @@ def test_damaged_and_unsupported_files(tmp_path):
     assert "model.layers.1.mlp.down_proj.weight" in one_line_error(tmp_path / "missing.gguf")
 
 
+def test_metadata_arrays_read_as_gguf_reads_them(tmp_path):
+    """Arrays are kept as one slice each (not one view per element): every field reads as gguf's reader gives it."""
+    hf, arch, meta, tensors = CASES["qwen2-tied"]()
+    w = gguf.GGUFWriter(str(tmp_path / "arrays.gguf"), arch)
+    for key, value in meta.items():
+        getattr(w, f"add_{key}")(value)
+    add_tokenizer(w)
+    w.add_array("test.strings", ["", "a", "é✓ 中文", "x" * 300])
+    w.add_array("test.ints", [3, -1, 7])
+    w.add_array("test.floats", [0.5, -2.25])
+    w.add_array("test.empty", [])
+    for name, t in tensors.items():
+        w.add_tensor(name, np.ascontiguousarray(t.numpy()))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    ours, ref = open_gguf(tmp_path / "arrays.gguf")._reader.fields, gguf.GGUFReader(str(tmp_path / "arrays.gguf")).fields
+    assert list(ours) == list(ref)
+    for key in ref:
+        assert ours[key].contents() == ref[key].contents(), key
+    assert ours["test.strings"].contents(2) == "é✓ 中文" and ours["test.ints"].contents(slice(1, None)) == [-1, 7]
+    assert ours["tokenizer.ggml.tokens"].contents() == ref["tokenizer.ggml.tokens"].contents() != []
+
+
 # --- the real model files ------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")

@@ -169,3 +169,73 @@ def test_decode_attention_in_a_model_matches_torch(monkeypatch, tiny):
     torch.testing.assert_close(step(None, True), exact, atol=1e-5, rtol=1e-4)
     ours, theirs = step("bfloat16", True), step("bfloat16", False)
     assert (ours - exact).abs().max() <= (theirs - exact).abs().max() + 1e-4
+
+
+@pytest.mark.parametrize("dtype,sinks", [(torch.float32, 4), (torch.bfloat16, 4), (torch.float32, 0)])
+def test_decode_attention_many_stores_and_attends_like_one_cache_at_a_time(dtype, sinks):
+    """One call for caches of different fill levels and capacities (one past a chunk of 256): the buffers
+    end as `KVBuffer.store_rotated`'s slice copies leave them, and each output is `decode_attention`'s over
+    that cache alone, bit for bit."""
+    assert kernels.available()
+    heads, group, dim = 2, 3, 64
+    g = torch.Generator().manual_seed(7)
+    caps, lens, slots = [40, 300, 300], [12, 300, 257], [11, 4 + 100, 256]
+    kbufs = [torch.randn(1, heads, c, dim, generator=g).to(dtype) for c in caps]
+    vbufs = [torch.randn(1, heads, c, dim, generator=g).to(dtype) for c in caps]
+    q = torch.randn(3, heads, group, dim, generator=g) * 2
+    k_new, v_new = torch.randn(3, heads, dim, generator=g), torch.randn(3, heads, dim, generator=g)
+    rot = torch.randn(3, heads, sinks, dim, generator=g) if sinks else None
+    want_k, want_v, want = [b.clone() for b in kbufs], [b.clone() for b in vbufs], []
+    for i in range(3):
+        if sinks:
+            want_k[i][:, :, :sinks] = rot[i:i + 1]
+        want_k[i][:, :, slots[i]] = k_new[i:i + 1]
+        want_v[i][:, :, slots[i]] = v_new[i:i + 1]
+        want.append(torch.ops.sinkstream.decode_attention(q[i:i + 1].contiguous(), want_k[i][:, :, :lens[i]],
+                                                          want_v[i][:, :, :lens[i]], dim ** -0.5))
+    got = torch.ops.sinkstream.decode_attention_many(q, k_new, v_new, rot, kbufs, vbufs, slots, lens, dim ** -0.5)
+    assert torch.equal(got, torch.cat(want))
+    for a, b in zip(kbufs + vbufs, want_k + want_v):
+        assert torch.equal(a, b)
+    with pytest.raises(RuntimeError, match="slot"):
+        torch.ops.sinkstream.decode_attention_many(q, k_new, v_new, rot, kbufs, vbufs, [11, 300, 256], lens, 0.1)
+
+
+@pytest.mark.parametrize("kind", ["int4", "int8"])
+@pytest.mark.parametrize("k", [576, 1056, 2048])  # 18 blocks (a group of 16, then 2), 33 (an odd tail), 64
+def test_rows_are_the_same_alone_or_batched(k, kind):
+    """Several activation rows share each weight row's unpacking; every row's result is bit for bit what it
+    gives alone (the batched server's greedy streams rely on it), and close to the de-quantized product."""
+    w = int4_weight(40, k) if kind == "int4" else int8_weight(40, k, 32)
+    layer = QuantLinear(w)
+    x = torch.randn(9, k)
+    alone = torch.cat([layer(x[i:i + 1]) for i in range(9)])
+    for m in (2, 3, 4, 5, 8, 9):
+        assert torch.equal(layer(x[:m]), alone[:m]), m
+    assert rel_err(alone, x @ w.dequantize().t()) < 0.01
+
+
+@pytest.mark.parametrize("interleaved", [False, True])
+@pytest.mark.parametrize("rd", [64, 32])  # whole head, or a partial rotary (Phi-3, GPT-NeoX)
+def test_rotary_kernel_equals_torchs_rotation(monkeypatch, interleaved, rd):
+    """RoPE of a transposed (non-contiguous) [b, heads, n, d] view: bit for bit what `rope.apply_rotary`
+    computes with torch's operators, and the rotation formula."""
+    from sinkstream import rope
+    assert kernels.available()
+    g = torch.Generator().manual_seed(rd)
+    x = torch.randn(2, 5, 3, 64, generator=g).transpose(1, 2)  # [2, 3 heads, 5 tokens, 64]
+    ang = torch.rand(5, rd // 2, generator=g) * 6
+    ang = ang.repeat_interleave(2, -1) if interleaved else torch.cat([ang, ang], -1)
+    cos, sin = ang.cos(), ang.sin()
+    got = rope.apply_rotary(x, cos, sin, interleaved=interleaved)
+    assert got.is_contiguous()
+    monkeypatch.setattr(kernels, "available", lambda: False)
+    assert torch.equal(got, rope.apply_rotary(x, cos, sin, interleaved=interleaved))
+    a, b = (x[..., 0:rd:2], x[..., 1:rd:2]) if interleaved else (x[..., :rd // 2], x[..., rd // 2:rd])
+    c, s = (cos[:, 0::2], sin[:, 0::2]) if interleaved else (cos[:, :rd // 2], sin[:, :rd // 2])
+    want = x.clone()
+    if interleaved:
+        want[..., 0:rd:2], want[..., 1:rd:2] = a * c - b * s, b * c + a * s
+    else:
+        want[..., :rd // 2], want[..., rd // 2:rd] = a * c - b * s, b * c + a * s
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)

@@ -5,9 +5,12 @@ import mmap
 import os
 from pathlib import Path
 
+from typing import Any
+
 import numpy as np
 import torch
-from gguf import GGUFReader
+from gguf import GGUFReader, GGUFValueType
+from gguf.gguf_reader import ReaderField
 
 from ..errors import ModelLoadError, SinkstreamError
 from ..quant import QuantWeight
@@ -64,10 +67,55 @@ class GGUFModel:
             self._reader.release(int(t.data_offset), int(t.n_bytes))
 
 
+class _Array(ReaderField):
+    """A metadata array (a vocabulary, its scores and types, merges) held as one slice of the map, decoded when
+    `contents()` asks: GGUFReader makes a numpy view per element, a second for a 49k-token vocabulary."""
+
+    def contents(self, index_or_slice: int | slice = slice(None)) -> Any:
+        items = self.parts[-1]
+        if self.types[-1] != GGUFValueType.STRING:
+            return items.tolist()[index_or_slice]
+        blob, out, at = items.tobytes(), [], 0
+        for _ in range(int(self.parts[-2][0])):
+            n = int.from_bytes(blob[at:at + 8], "little")
+            out.append(blob[at + 8:at + 8 + n].decode("utf-8"))
+            at += 8 + n
+        return out[index_or_slice]
+
+
 class _Reader(GGUFReader):
     """GGUFReader over a plain ndarray view of its memory map: parsing slices the map once per metadata item
     (a million times for a 262k-token vocabulary), and np.memmap's per-slice bookkeeping makes that 3-4x
-    slower. The view keeps the map open; nothing is read into memory."""
+    slower; arrays are not split into elements at all (`_Array`). The view keeps the map open; nothing is
+    read into memory."""
+
+    def _get_field_parts(self, orig_offs: int, raw_type: int):
+        if raw_type != GGUFValueType.ARRAY or self.byte_order == "S":
+            return super()._get_field_parts(orig_offs, raw_type)
+        itype, alen = self._get(orig_offs, np.uint32), self._get(orig_offs + 4, np.uint64)
+        sub, start, count = GGUFValueType(int(itype[0])), orig_offs + 12, int(alen[0])
+        if sub == GGUFValueType.STRING:
+            at, view = start, memoryview(self._array)
+            for _ in range(count):
+                at += 8 + int.from_bytes(view[at:at + 8], "little")
+            if at > len(self._array):
+                raise ValueError(f"string array at {orig_offs} runs past the end of the file")
+            items = self._array[start:at]
+        elif sub in self.gguf_scalar_to_np:
+            items = self._get(start, self.gguf_scalar_to_np[sub], count)
+            if len(items) != count:
+                raise ValueError(f"array at {orig_offs} runs past the end of the file")
+            at = start + items.nbytes
+        else:  # arrays of arrays
+            return super()._get_field_parts(orig_offs, raw_type)
+        return at - orig_offs, [itype, alen, items], [], [GGUFValueType.ARRAY, sub]
+
+    def _build_fields(self, offs: int, count: int) -> int:
+        offs = super()._build_fields(offs, count)
+        for name, f in list(self.fields.items()):
+            if len(f.types) == 2 and f.types[0] == GGUFValueType.ARRAY and not f.data:
+                self.fields[name] = _Array(*f)
+        return offs
 
     @property
     def data(self):

@@ -1,11 +1,11 @@
-"""Our CPU kernels: block-quantized matrix products (qmm.cpp), an RMS norm (norm.cpp) and decode attention
-(attn.cpp), compiled for this machine on first use.
+"""Our CPU kernels: block-quantized matrix products (qmm.cpp), an RMS norm and RoPE (norm.cpp) and decode
+attention (attn.cpp), compiled for this machine on first use.
 
 ``make`` builds them (``python -m sinkstream.kernels``); otherwise the first quantized model builds them
 (about 20 s) into ``$SINKSTREAM_KERNEL_CACHE`` (default ``~/.cache/sinkstream/kernels``, not moved by
 ``$SINKSTREAM_CACHE`` so that test runs with a scratch cache reuse it) under a key of the source, torch's
-version and this CPU's instruction sets; later processes load the built library. Where they cannot be built (no C++
-compiler, no x86 AVX2) or ``SINKSTREAM_KERNELS=0``, `available()` is False and the quantized layers use
+version, this CPU's instruction sets and the compiler flags chosen for them; later processes load the built
+library. Where they cannot be built (no C++ compiler, no x86 AVX2) or ``SINKSTREAM_KERNELS=0``, `available()` is False and the quantized layers use
 torch's own kernels (sinkstream.quant says which).
 """
 from __future__ import annotations
@@ -36,17 +36,19 @@ def _cpu_flags() -> str:
 def build_dir() -> Path:
     root = os.environ.get("SINKSTREAM_KERNEL_CACHE") or \
         Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "sinkstream" / "kernels"
-    key = hashlib.sha256(b"".join(p.read_bytes() for p in SOURCES) + torch.__version__.encode() + _cpu_flags().encode()).hexdigest()
+    key = hashlib.sha256(b"".join(p.read_bytes() for p in SOURCES) + torch.__version__.encode() + _cpu_flags().encode()
+                         + " ".join(_flags_for_this_cpu()).encode()).hexdigest()
     return Path(root) / key[:16]
 
 
 def _flags_for_this_cpu() -> list[str]:
     flags = _cpu_flags().split()
     if "avx2" not in flags or "fma" not in flags:
-        return ["-O3"]  # the portable loops in qmm.cpp
-    out = ["-O3", "-mavx2", "-mfma", "-mf16c"]
+        return ["-O3", "-ffp-contract=off"]  # the portable loops in qmm.cpp
+    # no fused multiply-adds but those written out: plain float formulas (RoPE, the norm) round as torch's do
+    out = ["-O3", "-ffp-contract=off", "-mavx2", "-mfma", "-mf16c"]
     if "avx512_vnni" in flags and "avx512vl" in flags:
-        out += ["-mavx512f", "-mavx512vl", "-mavx512vnni"]
+        out += ["-mavx512f", "-mavx512vl", "-mavx512vnni"] + (["-mavx512bw"] if "avx512bw" in flags else [])
     elif "avx_vnni" in flags:
         out += ["-mavxvnni"]
     return out
@@ -72,7 +74,8 @@ def load(*, verbose: bool = False) -> bool:
             cpp_extension.load(name="sinkstream_kernels", sources=[str(p) for p in SOURCES], build_directory=str(folder),
                                extra_cflags=_flags_for_this_cpu() + ["-fopenmp"], extra_ldflags=["-fopenmp"],
                                is_python_module=False, verbose=verbose)
-            ok = all(hasattr(torch.ops.sinkstream, op) for op in ("q4_mm", "rms_norm", "decode_attention"))
+            ok = all(hasattr(torch.ops.sinkstream, op)
+                     for op in ("q4_mm", "rms_norm", "rotary", "decode_attention", "decode_attention_many"))
         except Exception as e:  # noqa: BLE001 - no compiler, no headers: say so once, use torch's kernels
             warnings.warn(f"sinkstream: CPU kernels not built ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
                           "quantized layers use torch's kernels", stacklevel=2)

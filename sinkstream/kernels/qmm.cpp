@@ -1,6 +1,8 @@
 // Matrix products with 4-bit and 8-bit block-quantized weights for the CPU, the way llama.cpp computes
 // them: activations are quantized to int8 per block of 32 on entry, each 32-weight block is an integer dot
-// product (AVX2 maddubs, or VNNI dpbusd where the compiler targets it) scaled once in float.
+// product (AVX2 maddubs, or VNNI dpbusd where the compiler targets it) scaled once in float. With AVX-512
+// VNNI (QMM_QUADS) a step covers 4 (q4) or 2 (q8) blocks in 512-bit registers and each weight row is
+// unpacked once for up to 4 activation rows (several streams of a batch).
 //
 //   q4_mm(x [M,K] f32, qs u8 [N,K/2], d f16 [N,K/32], m f16 [N,K/32]) -> [M,N] f32,  w = q * d + m
 //       nibbles: byte j of a block holds element j (low) and element j + 16 (high), as GGUF's Q4_0/Q4_1.
@@ -11,6 +13,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 #include <immintrin.h>
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <vector>
@@ -24,15 +27,21 @@ struct QuantizedRows {  // activations: int8 per block of 32 with a float scale,
   std::vector<float> d, s;
 };
 
-// pairs=true (q4_mm with AVX2): the codes of blocks 2j and 2j+1 are stored as [2j: 0..15, 2j+1: 0..15,
-// 2j: 16..31, 2j+1: 16..31], the order in which 32 bytes of packed weights unpack (low nibbles, then high):
-// one 256-bit load of weight bytes then meets two of activations, with no shuffle of the weights.
-inline int64_t slot(int64_t b, int i, int64_t nb, bool pairs) {
-  if (!pairs || (b | 1) >= nb) return b * QK + i;
+// Where element i of block b of a row of nb blocks goes in the quantized activations, so that one load of
+// packed weight bytes, unpacked as low nibbles then high nibbles, meets its activations with no shuffle:
+//   PLAIN: in order (q8_mm, and q4_mm without AVX2);
+//   PAIRS (q4_mm with AVX2): blocks 2j, 2j+1 as [2j: 0..15, 2j+1: 0..15, 2j: 16..31, 2j+1: 16..31];
+//   QUADS (q4_mm with AVX-512 VNNI): blocks 4j..4j+3 as [4j: 0..15, .., 4j+3: 0..15, 4j: 16..31, ..], then
+//       the last nb % 4 blocks as PAIRS (and a last odd block in order).
+enum Layout { PLAIN, PAIRS, QUADS };
+
+inline int64_t slot(int64_t b, int i, int64_t nb, Layout layout) {
+  if (layout == QUADS && b < nb - nb % 4) return (b & ~int64_t(3)) * QK + (i < 16 ? 0 : 2 * QK) + (b & 3) * 16 + (i & 15);
+  if (layout == PLAIN || (b | 1) >= nb) return b * QK + i;
   return (b & ~int64_t(1)) * QK + (i < 16 ? 0 : QK) + (b & 1) * 16 + (i & 15);
 }
 
-QuantizedRows quantize_rows(const float* x, int64_t M, int64_t K, bool pairs = false) {
+QuantizedRows quantize_rows(const float* x, int64_t M, int64_t K, Layout layout = PLAIN) {
   const int64_t nb = K / QK;
   QuantizedRows r{std::vector<int8_t>(M * K), std::vector<float>(M * nb), std::vector<float>(M * nb)};
   at::parallel_for(0, M * nb, 256, [&](int64_t b0, int64_t b1) {
@@ -44,7 +53,7 @@ QuantizedRows quantize_rows(const float* x, int64_t M, int64_t K, bool pairs = f
       int sum = 0;
       for (int i = 0; i < QK; ++i) {
         const int q = (int)std::nearbyint(v[i] * inv);
-        r.q[(b / nb) * K + slot(b % nb, i, nb, pairs)] = (int8_t)q;
+        r.q[(b / nb) * K + slot(b % nb, i, nb, layout)] = (int8_t)q;
         sum += q;
       }
       r.d[b] = d;
@@ -138,6 +147,133 @@ float dot_q4(const uint8_t* qs, const at::Half* d, const at::Half* m, const int8
 #endif
 }
 
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#define QMM_QUADS 1
+// Blocks [b0, nb) of a q4 row (b0 even, activations in PAIRS order there): the terms d * x_d * (integer dot),
+// in lanes to be summed.
+inline __m256 q4_tail(const uint8_t* qs, const at::Half* d, const int8_t* xq, const float* xd, int64_t b0, int64_t nb) {
+  const __m256i low = _mm256_set1_epi8(0x0F);
+  __m256 acc = _mm256_setzero_ps();
+  int64_t b = b0;
+  for (; b + 1 < nb; b += 2) {  // lanes 0-3: block b, 4-7: block b + 1
+    const __m256i r = _mm256_loadu_si256((const __m256i*)(qs + b * 16));
+    const __m256i p = _mm256_dpbusd_epi32(
+        _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_and_si256(r, low),
+                            _mm256_loadu_si256((const __m256i*)(xq + b * QK))),
+        _mm256_and_si256(_mm256_srli_epi16(r, 4), low), _mm256_loadu_si256((const __m256i*)(xq + b * QK + QK)));
+    const __m256 sc = _mm256_set_m128(_mm_set1_ps(h2f(d[b + 1]) * xd[b + 1]), _mm_set1_ps(h2f(d[b]) * xd[b]));
+    acc = _mm256_fmadd_ps(sc, _mm256_cvtepi32_ps(p), acc);
+  }
+  if (b < nb) {
+    const __m128i r = _mm_loadu_si128((const __m128i*)(qs + b * 16));
+    const __m128i l = _mm_set1_epi8(0x0F);
+    const __m256i w = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(r, 4), l), _mm_and_si128(r, l));
+    const __m256i p = _mm256_dpbusd_epi32(_mm256_setzero_si256(), w, _mm256_loadu_si256((const __m256i*)(xq + b * QK)));
+    acc = _mm256_fmadd_ps(_mm256_set1_ps(h2f(d[b]) * xd[b]), _mm256_cvtepi32_ps(p), acc);
+  }
+  return acc;
+}
+
+// One q4 weight row against R activation rows (i0..i0+R-1, QUADS order): out[r * N] for each. Four blocks
+// (64 weight bytes) a step: their low and high nibbles meet 128 activation bytes in two VNNI dot products
+// whose 16 int32 lanes are 4 per block, scaled by d * x_d spread over those lanes. Each row's arithmetic is
+// the same whatever R, so a row gives the same result alone or in a batch.
+template <int R>
+void q4_rows(const uint8_t* qs, const at::Half* d, const at::Half* m, const QuantizedRows& xr, int64_t i0, int64_t K,
+             int64_t nb, float* out, int64_t N) {
+  const int64_t full = nb - nb % 4;  // blocks in quads
+  const __m512i low = _mm512_set1_epi8(0x0F);
+  const int8_t* xq[R];
+  const float* xd[R];
+  const float* xs[R];
+  __m512 acc[R][2], mins[R];
+  for (int r = 0; r < R; ++r) {
+    xq[r] = xr.q.data() + (i0 + r) * K;
+    xd[r] = xr.d.data() + (i0 + r) * nb;
+    xs[r] = xr.s.data() + (i0 + r) * nb;
+    acc[r][0] = acc[r][1] = mins[r] = _mm512_setzero_ps();
+  }
+  for (int64_t b16 = 0; b16 < nb; b16 += 16) {
+    const int64_t left = std::min<int64_t>(16, nb - b16);
+    const __mmask16 mask = (__mmask16)((1u << left) - 1u);
+    const __m512 d16 = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, d + b16));
+    const __m512 m16 = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, m + b16));
+    __m512 dd[R];
+    for (int r = 0; r < R; ++r) {
+      dd[r] = _mm512_mul_ps(d16, _mm512_maskz_loadu_ps(mask, xd[r] + b16));
+      mins[r] = _mm512_fmadd_ps(m16, _mm512_maskz_loadu_ps(mask, xs[r] + b16), mins[r]);
+    }
+    for (int q = 0; q < 4 && b16 + 4 * q + 4 <= full; ++q) {
+      const int64_t b = b16 + 4 * q;
+      const __m512i w = _mm512_loadu_si512((const void*)(qs + b * 16));
+      const __m512i lo = _mm512_and_si512(w, low), hi = _mm512_and_si512(_mm512_srli_epi16(w, 4), low);
+      const __m512i spread = _mm512_add_epi32(_mm512_set1_epi32(4 * q),
+                                              _mm512_srli_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6,
+                                                                                 5, 4, 3, 2, 1, 0), 2));
+      for (int r = 0; r < R; ++r) {
+        const __m512i p = _mm512_dpbusd_epi32(
+            _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512((const void*)(xq[r] + b * QK))), hi,
+            _mm512_loadu_si512((const void*)(xq[r] + b * QK + 2 * QK)));
+        acc[r][q & 1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), _mm512_permutexvar_ps(spread, dd[r]), acc[r][q & 1]);
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    __m512 total = _mm512_add_ps(_mm512_add_ps(acc[r][0], acc[r][1]), mins[r]);
+    if (full < nb) total = _mm512_add_ps(total, _mm512_zextps256_ps512(q4_tail(qs, d, xq[r], xd[r], full, nb)));
+    out[r * N] = _mm512_reduce_add_ps(total);
+  }
+}
+
+// One q8 weight row against R activation rows (PLAIN order): out[r * N] for each. Two blocks (64 weight
+// bytes) a step, as unsigned |w| times x carrying w's sign in one VNNI dot product (lanes 0-7: block b,
+// 8-15: block b + 1); the same arithmetic for a row whatever R.
+template <int R>
+void q8_rows(const int8_t* qs, const at::Half* d, const QuantizedRows& xr, int64_t i0, int64_t K, int64_t nb,
+             float* out, int64_t N) {
+  const int64_t full = nb - nb % 2;
+  const int8_t* xq[R];
+  const float* xd[R];
+  __m512 acc[R];
+  for (int r = 0; r < R; ++r) {
+    xq[r] = xr.q.data() + (i0 + r) * K;
+    xd[r] = xr.d.data() + (i0 + r) * nb;
+    acc[r] = _mm512_setzero_ps();
+  }
+  const __m512i zero = _mm512_setzero_si512();
+  const __m512i half = _mm512_srli_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0), 3);
+  for (int64_t b16 = 0; b16 < nb; b16 += 16) {
+    const int64_t left = std::min<int64_t>(16, nb - b16);
+    const __mmask16 mask = (__mmask16)((1u << left) - 1u);
+    const __m512 d16 = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, d + b16));
+    __m512 dd[R];
+    for (int r = 0; r < R; ++r) dd[r] = _mm512_mul_ps(d16, _mm512_maskz_loadu_ps(mask, xd[r] + b16));
+    for (int q = 0; q < 8 && b16 + 2 * q + 2 <= full; ++q) {
+      const int64_t b = b16 + 2 * q;
+      const __m512i w = _mm512_loadu_si512((const void*)(qs + b * QK));
+      const __m512i aw = _mm512_abs_epi8(w);
+      const __mmask64 neg = _mm512_movepi8_mask(w);
+      const __m512i spread = _mm512_add_epi32(_mm512_set1_epi32(2 * q), half);
+      for (int r = 0; r < R; ++r) {
+        const __m512i x = _mm512_loadu_si512((const void*)(xq[r] + b * QK));
+        const __m512i p = _mm512_dpbusd_epi32(zero, aw, _mm512_mask_sub_epi8(x, neg, zero, x));
+        acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), _mm512_permutexvar_ps(spread, dd[r]), acc[r]);
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    float sum = _mm512_reduce_add_ps(acc[r]);
+    if (full < nb) {  // a last odd block
+      const __m256i w = _mm256_loadu_si256((const __m256i*)(qs + full * QK));
+      const __m256i x = _mm256_loadu_si256((const __m256i*)(xq[r] + full * QK));
+      const __m256i p = _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w));
+      sum += h2f(d[full]) * xd[r][full] * hsum(_mm256_cvtepi32_ps(p));
+    }
+    out[r * N] = sum;
+  }
+}
+#endif
+
 float dot_q8(const int8_t* qs, const at::Half* d, const int8_t* xq, const float* xd, int64_t nb) {
 #if defined(__AVX2__)
   __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
@@ -192,8 +328,10 @@ at::Tensor q4_mm(at::Tensor x, at::Tensor qs, at::Tensor d, at::Tensor m) {
   TORCH_CHECK(m.sizes() == d.sizes() && m.scalar_type() == at::kHalf && m.is_contiguous(), "m like d");
   const int64_t M = x.size(0), K = x.size(1), N = qs.size(0), nb = K / QK;
   auto y = at::empty({M, N}, x.options());
-#if defined(__AVX2__)
-  const auto xr = quantize_rows(x.data_ptr<float>(), M, K, /*pairs=*/true);
+#if defined(QMM_QUADS)
+  const auto xr = quantize_rows(x.data_ptr<float>(), M, K, QUADS);
+#elif defined(__AVX2__)
+  const auto xr = quantize_rows(x.data_ptr<float>(), M, K, PAIRS);
 #else
   const auto xr = quantize_rows(x.data_ptr<float>(), M, K);
 #endif
@@ -203,10 +341,22 @@ at::Tensor q4_mm(at::Tensor x, at::Tensor qs, at::Tensor d, at::Tensor m) {
   float* out = y.data_ptr<float>();
   at::parallel_for(0, N, GRAIN, [&](int64_t n0, int64_t n1) {
     for (int64_t n = n0; n < n1; ++n) {
+#if defined(QMM_QUADS)
+      const uint8_t* wn = w + n * nb * 16;
+      int64_t i = 0;
+      for (; i + 4 <= M; i += 4) q4_rows<4>(wn, dp + n * nb, mp + n * nb, xr, i, K, nb, out + i * N + n, N);
+      switch (M - i) {
+        case 3: q4_rows<3>(wn, dp + n * nb, mp + n * nb, xr, i, K, nb, out + i * N + n, N); break;
+        case 2: q4_rows<2>(wn, dp + n * nb, mp + n * nb, xr, i, K, nb, out + i * N + n, N); break;
+        case 1: q4_rows<1>(wn, dp + n * nb, mp + n * nb, xr, i, K, nb, out + i * N + n, N); break;
+        default: break;
+      }
+#else
       for (int64_t i = 0; i < M; ++i) {
         out[i * N + n] = dot_q4(w + n * nb * 16, dp + n * nb, mp + n * nb, xr.q.data() + i * K,
                                 xr.d.data() + i * nb, xr.s.data() + i * nb, nb);
       }
+#endif
     }
   });
   return y;
@@ -223,9 +373,20 @@ at::Tensor q8_mm(at::Tensor x, at::Tensor qs, at::Tensor d) {
   float* out = y.data_ptr<float>();
   at::parallel_for(0, N, GRAIN, [&](int64_t n0, int64_t n1) {
     for (int64_t n = n0; n < n1; ++n) {
+#if defined(QMM_QUADS)
+      int64_t i = 0;
+      for (; i + 4 <= M; i += 4) q8_rows<4>(w + n * K, dp + n * nb, xr, i, K, nb, out + i * N + n, N);
+      switch (M - i) {
+        case 3: q8_rows<3>(w + n * K, dp + n * nb, xr, i, K, nb, out + i * N + n, N); break;
+        case 2: q8_rows<2>(w + n * K, dp + n * nb, xr, i, K, nb, out + i * N + n, N); break;
+        case 1: q8_rows<1>(w + n * K, dp + n * nb, xr, i, K, nb, out + i * N + n, N); break;
+        default: break;
+      }
+#else
       for (int64_t i = 0; i < M; ++i) {
         out[i * N + n] = dot_q8(w + n * K, dp + n * nb, xr.q.data() + i * K, xr.d.data() + i * nb, nb);
       }
+#endif
     }
   });
   return y;

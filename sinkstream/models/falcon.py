@@ -13,7 +13,7 @@ from ..attention import cached_attention
 from ..cache import LayerSpec
 from ..rope import RopeConfig, Rotary
 from . import register
-from .base import CausalLM
+from .base import CausalLM, embedding
 
 
 @dataclass
@@ -150,7 +150,7 @@ class Block(nn.Module):
 class Backbone(nn.Module):
     def __init__(self, c: FalconConfig, rotary: Rotary | None):
         super().__init__()
-        self.word_embeddings = nn.Embedding(c.vocab_size, c.hidden_size)
+        self.word_embeddings = embedding(c.vocab_size, c.hidden_size)
         self.h = nn.ModuleList(Block(c, rotary) for _ in range(c.num_hidden_layers))
         self.ln_f = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_epsilon)
 

@@ -19,7 +19,7 @@ from ..errors import UnsupportedModelError
 from ..quant import projections
 from ..rope import RopeConfig, Rotary
 from . import register
-from .base import CausalLM, RMSNorm
+from .base import CausalLM, RMSNorm, embedding
 from .llama import ACTIVATIONS, GATE_UP, QKV
 
 SLIDING, FULL = "sliding_attention", "full_attention"
@@ -145,7 +145,7 @@ class Block(nn.Module):
 class Backbone(nn.Module):
     def __init__(self, c: Gemma3Config, rotaries: dict[str, Rotary]):
         super().__init__()
-        self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size)
+        self.embed_tokens = embedding(c.vocab_size, c.hidden_size)
         self.layers = nn.ModuleList(Block(c, rotaries[t]) for t in c.layer_types)
         self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps, offset=1.0)
 

@@ -10,7 +10,7 @@ from ..attention import cached_attention
 from ..cache import LayerSpec
 from ..rope import RopeConfig, Rotary
 from . import register
-from .base import CausalLM
+from .base import CausalLM, embedding
 
 ACTIVATIONS = {"gelu": F.gelu, "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
                "gelu_fast": lambda x: F.gelu(x, approximate="tanh"), "relu": F.relu, "silu": F.silu}
@@ -99,7 +99,7 @@ class Block(nn.Module):
 class Backbone(nn.Module):
     def __init__(self, c: GPTNeoXConfig, rotary: Rotary):
         super().__init__()
-        self.embed_in = nn.Embedding(c.vocab_size, c.hidden_size)
+        self.embed_in = embedding(c.vocab_size, c.hidden_size)
         self.layers = nn.ModuleList(Block(c, rotary) for _ in range(c.num_hidden_layers))
         self.final_layer_norm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
 

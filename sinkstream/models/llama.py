@@ -12,7 +12,7 @@ from ..cache import LayerSpec
 from ..quant import projections
 from ..rope import RopeConfig, Rotary
 from . import register
-from .base import CausalLM, RMSNorm
+from .base import CausalLM, RMSNorm, embedding
 
 QKV, GATE_UP = ("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj")
 
@@ -118,7 +118,7 @@ class Backbone(nn.Module):
 
     def __init__(self, c: LlamaConfig, rotary: Rotary):
         super().__init__()
-        self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size)
+        self.embed_tokens = embedding(c.vocab_size, c.hidden_size)
         self.layers = nn.ModuleList(self.block_class(c, rotary) for _ in range(c.num_hidden_layers))
         self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
 

@@ -17,7 +17,7 @@ from ..attention import cached_attention
 from ..cache import LayerSpec
 from ..errors import UnsupportedModelError
 from . import register
-from .base import CausalLM
+from .base import CausalLM, embedding
 
 
 @dataclass
@@ -112,7 +112,7 @@ class Block(nn.Module):
 class Backbone(nn.Module):
     def __init__(self, c: MptConfig):
         super().__init__()
-        self.wte = nn.Embedding(c.vocab_size, c.hidden_size)
+        self.wte = embedding(c.vocab_size, c.hidden_size)
         self.blocks = nn.ModuleList(Block(c) for _ in range(c.num_hidden_layers))
         self.norm_f = layer_norm(c.hidden_size, c.layer_norm_epsilon)
 
