@@ -23,6 +23,7 @@ from .errors import ModelLoadError, SinkstreamError
 from .models import model_class
 from .models.base import CausalLM
 from ._malloc import loading, release_freed_memory
+from .linear import use_kernel
 from .quant import (QUANT_TYPES, QuantEmbedding, QuantLinear, QuantWeight, check_quant, fuse_projections,
                     layer_kind)
 
@@ -319,6 +320,7 @@ def _build_model(config, weights, *, dtype, device, quant, quant_group) -> Causa
     quantized = any(isinstance(m, (QuantLinear, QuantEmbedding)) for m in model.modules())
     if quantized:
         fuse_projections(model)  # as sinkstream.quant.quantize leaves a model
+    use_kernel(model)  # float32 CPU layers: decode steps through our kernel
     model.quant = quant if quant in ("int4", "int8") else "gguf" if quantized else None
     return model.eval().requires_grad_(False)
 

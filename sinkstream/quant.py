@@ -363,7 +363,7 @@ def quantize(model: nn.Module, kind: str | None, group: int = 32, *, fused: bool
     done = 0
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
-            if type(child) is not nn.Linear:
+            if not isinstance(child, nn.Linear):  # plain or sinkstream.linear.Linear: float weights
                 continue
             k = layer_kind(kind, child, vocab, group)
             if k is not None:

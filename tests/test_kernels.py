@@ -239,3 +239,18 @@ def test_rotary_kernel_equals_torchs_rotation(monkeypatch, interleaved, rd):
     else:
         want[..., :rd // 2], want[..., rd // 2:rd] = a * c - b * s, b * c + a * s
     torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+
+
+def test_float_linear_rows_are_the_same_alone_or_batched():
+    """A loaded float32 model's linear layers take few-row passes through `f32_mm`: close to torch's matmul,
+    and each row bit for bit what it gives alone; many-row passes stay torch's."""
+    from sinkstream.linear import Linear
+    lin = torch.nn.Linear(600, 70)  # 600 columns: 37 steps of 16, and a tail of 8
+    lin.__class__ = Linear
+    x = torch.randn(9, 600)
+    alone = torch.cat([lin(x[i:i + 1]) for i in range(9)])
+    for m in (2, 4, 5, 8, 9):
+        assert torch.equal(lin(x[:m]), alone[:m]), m
+    torch.testing.assert_close(alone, torch.nn.functional.linear(x, lin.weight, lin.bias), atol=1e-5, rtol=1e-5)
+    many = torch.randn(MANY_TOKENS, 600)
+    assert torch.equal(lin(many), torch.nn.functional.linear(many, lin.weight, lin.bias))

@@ -17,6 +17,7 @@ from torch import nn
 import sinkstream
 from sinkstream.errors import ModelLoadError
 from sinkstream.loading import build_model
+from sinkstream.linear import Linear
 from sinkstream.models import model_class
 from sinkstream.quant import QuantEmbedding, QuantLinear, QuantWeight, quantize
 
@@ -126,7 +127,7 @@ def test_quant_none_dequantizes_each_tensor_into_plain_layers(tied):
     ours = build_model(config, FakeSource(tensors), quant="none")
     ref = build_model(config, floats_of(tensors))
     assert ours.quant is None
-    assert all(type(m) is nn.Linear for m in linears(ours).values())
+    assert all(type(m) is Linear for m in linears(ours).values())  # float weights (our kernel for decode steps)
     assert type(ours.model.embed_tokens) is nn.Embedding
     assert (ours.lm_head.weight is ours.model.embed_tokens.weight) == tied
     assert torch.equal(ours(IDS), ref(IDS))
@@ -156,7 +157,7 @@ def test_float_weights_quantized_per_tensor_equal_quantizing_the_built_model(kin
     assert lazy.quant == whole.quant == kind
     got, want = linears(lazy), linears(whole)
     assert {n: type(m) for n, m in got.items()} == {n: type(m) for n, m in want.items()}
-    assert type(got["model.layers.0.mlp.down_proj"]) is (nn.Linear if kind == "int4" else QuantLinear)
+    assert type(got["model.layers.0.mlp.down_proj"]) is (Linear if kind == "int4" else QuantLinear)
     assert got["lm_head"].kind == "int8"
     assert type(lazy.model.embed_tokens) is nn.Embedding  # a float embedding stays float
     assert torch.equal(lazy(IDS), whole(IDS))

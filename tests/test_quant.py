@@ -63,7 +63,7 @@ def _with_weight(w):
 
 def test_quantize_picks_layers_and_keeps_the_output_layer_at_int8():
     model = ours_from_hf(hf_tiny("smollm2-tied"))  # hidden 64: a multiple of 32
-    n_linear = sum(type(m) is nn.Linear for m in model.modules())
+    n_linear = sum(isinstance(m, nn.Linear) for m in model.modules())
     assert quantize(model, "int4") == n_linear
     kinds = {name: m.kind for name, m in model.named_modules() if isinstance(m, QuantLinear)}
     assert kinds["lm_head"] == "int8" and kinds["model.layers.0.mlp.down_proj"] == "int4"

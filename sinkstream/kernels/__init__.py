@@ -75,7 +75,7 @@ def load(*, verbose: bool = False) -> bool:
                                extra_cflags=_flags_for_this_cpu() + ["-fopenmp"], extra_ldflags=["-fopenmp"],
                                is_python_module=False, verbose=verbose)
             ok = all(hasattr(torch.ops.sinkstream, op)
-                     for op in ("q4_mm", "rms_norm", "rotary", "decode_attention", "decode_attention_many"))
+                     for op in ("q4_mm", "f32_mm", "rms_norm", "rotary", "decode_attention", "decode_attention_many"))
         except Exception as e:  # noqa: BLE001 - no compiler, no headers: say so once, use torch's kernels
             warnings.warn(f"sinkstream: CPU kernels not built ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
                           "quantized layers use torch's kernels", stacklevel=2)

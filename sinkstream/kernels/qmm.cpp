@@ -7,6 +7,9 @@
 //   q4_mm(x [M,K] f32, qs u8 [N,K/2], d f16 [N,K/32], m f16 [N,K/32]) -> [M,N] f32,  w = q * d + m
 //       nibbles: byte j of a block holds element j (low) and element j + 16 (high), as GGUF's Q4_0/Q4_1.
 //   q8_mm(x [M,K] f32, qs i8 [N,K], d f16 [N,K/32]) -> [M,N] f32,                    w = q * d
+//   f32_mm(x [M,K] f32, w [N,K] f32) -> [M,N] f32: float weights for passes of a few rows (decode steps of
+//       one or several streams), each weight row read once for up to 4 of them, every row's arithmetic the
+//       same whatever M.
 //   q4_dequant / q8_dequant(rows [r0, r1) of the same) -> [r1-r0, K] bf16: for many-token passes, which go
 //       through a bf16 matrix multiply (oneDNN, AMX where the CPU has it) on a slice of rows at a time.
 #include <ATen/ATen.h>
@@ -205,6 +208,7 @@ void q4_rows(const uint8_t* qs, const at::Half* d, const at::Half* m, const Quan
     }
     for (int q = 0; q < 4 && b16 + 4 * q + 4 <= full; ++q) {
       const int64_t b = b16 + 4 * q;
+      _mm_prefetch((const char*)(qs + 2 * nb * 16 + b * 16), _MM_HINT_T0);  // the row after next
       const __m512i w = _mm512_loadu_si512((const void*)(qs + b * 16));
       const __m512i lo = _mm512_and_si512(w, low), hi = _mm512_and_si512(_mm512_srli_epi16(w, 4), low);
       const __m512i spread = _mm512_add_epi32(_mm512_set1_epi32(4 * q),
@@ -250,6 +254,7 @@ void q8_rows(const int8_t* qs, const at::Half* d, const QuantizedRows& xr, int64
     for (int r = 0; r < R; ++r) dd[r] = _mm512_mul_ps(d16, _mm512_maskz_loadu_ps(mask, xd[r] + b16));
     for (int q = 0; q < 8 && b16 + 2 * q + 2 <= full; ++q) {
       const int64_t b = b16 + 2 * q;
+      _mm_prefetch((const char*)(qs + 2 * K + b * QK), _MM_HINT_T0);  // the row after next
       const __m512i w = _mm512_loadu_si512((const void*)(qs + b * QK));
       const __m512i aw = _mm512_abs_epi8(w);
       const __mmask64 neg = _mm512_movepi8_mask(w);
@@ -308,6 +313,35 @@ float dot_q8(const int8_t* qs, const at::Half* d, const int8_t* xq, const float*
 #endif
 }
 
+// One float weight row against R activation rows: out[r * N] for each (two accumulators a row).
+template <int R>
+void f32_rows(const float* w, const float* x, int64_t K, float* out, int64_t N) {
+#if defined(__AVX2__)
+  __m256 a[R][2];
+  for (int r = 0; r < R; ++r) a[r][0] = a[r][1] = _mm256_setzero_ps();
+  int64_t k = 0;
+  for (; k + 16 <= K; k += 16) {
+    _mm_prefetch((const char*)(w + 2 * K + k), _MM_HINT_T0);  // the row after next, a line per step
+    const __m256 w0 = _mm256_loadu_ps(w + k), w1 = _mm256_loadu_ps(w + k + 8);
+    for (int r = 0; r < R; ++r) {
+      a[r][0] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x + r * K + k), a[r][0]);
+      a[r][1] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x + r * K + k + 8), a[r][1]);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    float sum = hsum(_mm256_add_ps(a[r][0], a[r][1]));
+    for (int64_t i = k; i < K; ++i) sum += w[i] * x[r * K + i];
+    out[r * N] = sum;
+  }
+#else
+  for (int r = 0; r < R; ++r) {
+    float sum = 0.f;
+    for (int64_t i = 0; i < K; ++i) sum += w[i] * x[r * K + i];
+    out[r * N] = sum;
+  }
+#endif
+}
+
 void check(const at::Tensor& x, const at::Tensor& qs, const at::Tensor& d, int64_t row_bytes_per_block) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x: contiguous float32 [M, K]");
   TORCH_CHECK(x.size(1) % QK == 0, "K must be a multiple of 32");
@@ -357,6 +391,31 @@ at::Tensor q4_mm(at::Tensor x, at::Tensor qs, at::Tensor d, at::Tensor m) {
                                 xr.d.data() + i * nb, xr.s.data() + i * nb, nb);
       }
 #endif
+    }
+  });
+  return y;
+}
+
+at::Tensor f32_mm(at::Tensor x, at::Tensor w) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x: contiguous float32 [M, K]");
+  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kFloat && w.is_contiguous() && w.size(1) == x.size(1),
+              "w: contiguous float32 [N, K]");
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
+  auto y = at::empty({M, N}, x.options());
+  const float* xp = x.data_ptr<float>();
+  const float* wp = w.data_ptr<float>();
+  float* out = y.data_ptr<float>();
+  at::parallel_for(0, N, GRAIN, [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n) {
+      const float* wn = wp + n * K;
+      int64_t i = 0;
+      for (; i + 4 <= M; i += 4) f32_rows<4>(wn, xp + i * K, K, out + i * N + n, N);
+      switch (M - i) {
+        case 3: f32_rows<3>(wn, xp + i * K, K, out + i * N + n, N); break;
+        case 2: f32_rows<2>(wn, xp + i * K, K, out + i * N + n, N); break;
+        case 1: f32_rows<1>(wn, xp + i * K, K, out + i * N + n, N); break;
+        default: break;
+      }
     }
   });
   return y;
@@ -435,6 +494,7 @@ at::Tensor q8_dequant(at::Tensor qs, at::Tensor d, int64_t r0, int64_t r1) {
 
 TORCH_LIBRARY(sinkstream, lib) {
   lib.def("q4_mm(Tensor x, Tensor qs, Tensor d, Tensor m) -> Tensor");
+  lib.def("f32_mm(Tensor x, Tensor w) -> Tensor");
   lib.def("q8_mm(Tensor x, Tensor qs, Tensor d) -> Tensor");
   lib.def("q4_dequant(Tensor qs, Tensor d, Tensor m, int r0, int r1) -> Tensor");
   lib.def("q8_dequant(Tensor qs, Tensor d, int r0, int r1) -> Tensor");
@@ -442,6 +502,7 @@ TORCH_LIBRARY(sinkstream, lib) {
 
 TORCH_LIBRARY_IMPL(sinkstream, CPU, lib) {
   lib.impl("q4_mm", &q4_mm);
+  lib.impl("f32_mm", &f32_mm);
   lib.impl("q8_mm", &q8_mm);
   lib.impl("q4_dequant", &q4_dequant);
   lib.impl("q8_dequant", &q8_dequant);
