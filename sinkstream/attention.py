@@ -57,7 +57,8 @@ def _decode_together(kv: Packed, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     """`cached_attention` for caches that each take one plain decode token (`Packed.decode_together`): the
     rotations of the queries, the new keys and the sinks, which `KVBuffer.update` and `attend` do per cache,
     run once for all of them with each plan's own tables (the same element-wise products, so the same
-    numbers); each cache then stores its token in its slot and attends over its own buffer."""
+    numbers); each cache then stores its token in its slot and attends over its own buffer, on the CPU in
+    one call of our kernel for all of them (`_many_kernel`), the same arithmetic as one cache alone."""
     inter, dtype = rotary.cfg.interleaved, q.dtype
     key = ("decode", id(rotary), dtype, tuple(map(id, kv.plans)))
     tables = kv.memo.get(key)

@@ -172,6 +172,14 @@ def rows_by_stream(few: list[bool], rows: list[int] | None = None):
         _ROW_GROUPS.reset(token)
 
 
+def few_rows(n: int) -> bool | torch.Tensor:
+    """Whether each of the n rows of a layer's input takes the few-token kernels: True or False for all of
+    them, or a mask; inside `rows_by_stream`, as each row's stream would alone, else by n."""
+    groups = _ROW_GROUPS.get()
+    few = groups.get(n) if groups is not None else None
+    return n < MANY_TOKENS if few is None else few
+
+
 # A prompt fed in small chunks beside decoding streams (sinkstream.batch) takes the matrix-multiply path in
 # every step, as it would alone in large chunks; de-quantizing every weight for each such step costs more than
 # the step itself. Inside `keeping_dequantized()` a layer keeps the bfloat16 weight it de-quantized, up to
@@ -270,10 +278,7 @@ class QuantLinear(nn.Module):
         return y if self.bias is None else y + self.bias
 
     def _qmm(self, x: torch.Tensor) -> torch.Tensor:
-        groups = _ROW_GROUPS.get()
-        few = groups.get(x.shape[0]) if groups is not None else None
-        if few is None:
-            return self._few(x) if x.shape[0] < MANY_TOKENS else self._many(x)
+        few = few_rows(x.shape[0])
         if few is True:
             return self._few(x)
         if few is False:

@@ -254,3 +254,8 @@ def test_float_linear_rows_are_the_same_alone_or_batched():
     torch.testing.assert_close(alone, torch.nn.functional.linear(x, lin.weight, lin.bias), atol=1e-5, rtol=1e-5)
     many = torch.randn(MANY_TOKENS, 600)
     assert torch.equal(lin(many), torch.nn.functional.linear(many, lin.weight, lin.bias))
+    # a batched pass of 3 decode rows beside a 16-token prompt chunk: each row as its own pass would take it
+    from sinkstream.quant import rows_by_stream
+    with rows_by_stream([True] * 3 + [False] * MANY_TOKENS):
+        mixed = lin(torch.cat([x[:3], many]))
+    assert torch.equal(mixed[:3], alone[:3]) and torch.equal(mixed[3:], lin(many))
