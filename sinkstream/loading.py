@@ -186,7 +186,7 @@ def _requantize(w: torch.Tensor | QuantWeight, kind: str, group: int) -> QuantWe
 
 def _dequantize(w: QuantWeight, dtype: torch.dtype) -> torch.Tensor:
     n, k = w.shape
-    out = torch.empty(n, k, dtype=dtype, device=w.q.device)
+    out = torch.empty(n, k, dtype=dtype, device=w.scale.device)
     step = max(1, _CHUNK // k)
     for a in range(0, n, step):
         out[a:a + step] = w.rows(slice(a, a + step)).dequantize(dtype)
@@ -195,7 +195,7 @@ def _dequantize(w: QuantWeight, dtype: torch.dtype) -> torch.Tensor:
 
 def _on(w: QuantWeight, device: torch.device) -> QuantWeight:
     """`w` with its tensors on `device` (a QuantLinear off the CPU then holds de-quantized weights there)."""
-    if w.q.device == device:
+    if w.scale.device == device:
         return w
     return QuantWeight(w.kind, w.q.to(device), w.scale.to(device), None if w.zero is None else w.zero.to(device),
                        w.group)

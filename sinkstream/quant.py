@@ -89,6 +89,9 @@ class QuantWeight:
         kinds = {(p.kind, p.group, p.shape[1]) for p in parts}
         if len(kinds) != 1:
             raise SinkstreamError(f"cannot fuse quantized weights of different forms: {sorted(kinds)}")
+        if all(isinstance(p, PackedInt4) for p in parts):
+            return PackedInt4(torch.cat([p.packed for p in parts]), torch.cat([p.scale for p in parts]),
+                              torch.cat([p.zero for p in parts]))
         zero = None if parts[0].zero is None else torch.cat([p.zero for p in parts])
         return QuantWeight(parts[0].kind, torch.cat([p.q for p in parts]), torch.cat([p.scale for p in parts]),
                            zero, parts[0].group)
@@ -110,6 +113,37 @@ class QuantWeight:
         zero = lo + 8 * scale
         q = torch.round((g - zero[..., None]) / scale[..., None] + 8).clamp_(0, 15)
         return cls("int4", q.to(torch.uint8).reshape(n, k), scale, zero, group)
+
+
+class PackedInt4(QuantWeight):
+    """An int4 weight (groups of 32) whose codes are held two to a byte as our kernels read them: byte j of
+    each group holds code j in its low nibble and code j + 16 in its high one ([N, K/2] uint8), which is
+    GGUF's Q4_0 and Q4_1 layout, so a file's bytes become a layer's with one copy. `q` unpacks the codes
+    when something asks for them (de-quantizing, other backends)."""
+
+    def __init__(self, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor):
+        n, half = packed.shape
+        self.kind, self.group, self.packed, self.scale, self.zero = "int4", 32, packed, scale, zero
+        if packed.dtype != torch.uint8 or half % 16 or scale.shape != (n, half // 16) or zero.shape != scale.shape:
+            raise SinkstreamError(f"packed int4 weight {tuple(packed.shape)}: scales {tuple(scale.shape)} and "
+                                  f"zeros {tuple(zero.shape)} do not match groups of 32")
+
+    @property
+    def q(self) -> torch.Tensor:
+        n, half = self.packed.shape
+        p = self.packed.view(n, half // 16, 16)
+        return torch.cat([p & 15, p >> 4], -1).view(n, 2 * half)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.packed.shape[0], 2 * self.packed.shape[1])
+
+    @property
+    def nbytes(self) -> int:
+        return self.packed.numel() + self.scale.nbytes + self.zero.nbytes
+
+    def rows(self, index: torch.Tensor | slice) -> "PackedInt4":
+        return PackedInt4(self.packed[index], self.scale[index], self.zero[index])
 
 
 def pack_int4_for_cpu(q: torch.Tensor) -> torch.Tensor:
@@ -227,7 +261,7 @@ class QuantLinear(nn.Module):
         n, k = weight.shape
         self.in_features, self.out_features = k, n
         self.kind, self.group, self.out_dtype = weight.kind, weight.group, out_dtype
-        self.backend = _backend(weight.q.device, fused)
+        self.backend = _backend(weight.scale.device, fused)
         if self.backend == "qmm" and (k % 32 or (weight.kind == "int4" and weight.group != 32)):
             self.backend = "dequant"  # our kernels' blocks are 32 columns
         if self.backend == "torch" and (n % 16 if weight.kind == "int4" else weight.group != k):
@@ -237,8 +271,12 @@ class QuantLinear(nn.Module):
             self.register_buffer("weight", weight.dequantize(out_dtype))
         elif self.backend == "qmm":
             if weight.kind == "int4":
-                q = weight.q.view(n, k // 32, 2, 16)
-                self.register_buffer("qs", (q[:, :, 0] | (q[:, :, 1] << 4)).reshape(n, k // 2).contiguous())
+                if isinstance(weight, PackedInt4):  # already in the kernel's layout
+                    qs = weight.packed.contiguous()
+                else:
+                    q = weight.q.view(n, k // 32, 2, 16)
+                    qs = (q[:, :, 0] | (q[:, :, 1] << 4)).reshape(n, k // 2).contiguous()
+                self.register_buffer("qs", qs)
                 self.register_buffer("d", weight.scale.to(torch.float16))
                 self.register_buffer("m", (weight.zero - 8 * weight.scale).to(torch.float16))
             else:

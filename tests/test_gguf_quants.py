@@ -15,7 +15,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T  # noqa: E402
 from sinkstream.errors import ModelLoadError  # noqa: E402
 from sinkstream.gguf import quants  # noqa: E402
 from sinkstream.gguf.quants import LOSSY_KIND, decode, dequantize  # noqa: E402
-from sinkstream.quant import QuantLinear, QuantWeight  # noqa: E402
+from sinkstream.quant import PackedInt4, QuantLinear, QuantWeight  # noqa: E402
 
 QUANTIZED = [T.Q4_0, T.Q4_1, T.Q4_K, T.Q5_0, T.Q5_1, T.Q5_K, T.Q6_K, T.Q8_0]
 GGUF_QUANTIZES = (T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0)
@@ -134,6 +134,23 @@ def test_4bit_types_load_as_int4_exactly(t, source):
     assert (w.dequantize() - ref).abs().max() <= 4e-7 * size
     if t == T.Q4_0:
         assert torch.equal(w.dequantize(), ref) and not w.zero.any()
+
+
+@pytest.mark.parametrize("t", [T.Q4_0, T.Q4_1], ids=lambda t: t.name)
+def test_q4_0_and_q4_1_stay_packed_as_the_kernels_read_them(t):
+    """Their nibbles are the kernels' layout: the layer gets the file's bytes without unpacking, and the same
+    buffers as from unpacked codes; rows and stacking (fused projections) keep them packed."""
+    data = random_blocks(t, 40, 576)
+    w = decode("blk.0.ffn_up.weight", t, (40, 576), data)
+    assert isinstance(w, PackedInt4) and w.shape == (40, 576) and w.nbytes == 40 * 288 + 2 * 40 * 18 * 4
+    codes = QuantWeight("int4", w.q, w.scale, w.zero, 32)
+    assert torch.equal(codes.dequantize(), w.dequantize())
+    fast, slow = QuantLinear(w), QuantLinear(codes)
+    for name in ("qs", "d", "m"):
+        assert torch.equal(getattr(fast, name), getattr(slow, name)), name
+    both = QuantWeight.concat([w.rows(slice(0, 10)), w.rows(slice(10, 40))])
+    assert isinstance(both, PackedInt4) and torch.equal(both.packed, w.packed)
+    assert torch.equal(QuantWeight.concat([w, codes]).dequantize(), torch.cat([w.dequantize()] * 2))
 
 
 @pytest.mark.parametrize("t", list(LOSSY_KIND), ids=lambda t: t.name)

@@ -6,7 +6,8 @@
 * F32, F16, BF16: a torch tensor in that dtype (a copy: torch never holds the reader's read-only memmap).
 * Q4_0, Q4_1, Q4_K: ``int4`` with groups of 32, exactly. Q4_0 ``d * (q - 8)`` is scale d, zero 0; Q4_1
   ``d * q + m`` is scale d, zero m + 8d; Q4_K ``d * sc * q - dmin * m`` (per 32 elements) is scale d * sc,
-  zero 8 * d * sc - dmin * m. The codes are the file's codes.
+  zero 8 * d * sc - dmin * m. The codes are the file's codes; Q4_0's and Q4_1's stay packed as in the file
+  (`PackedInt4`: the kernels' own layout), Q4_K's are unpacked.
 * Q8_0, Q5_0: ``int8`` with a scale per 32 columns, exactly (the file's codes; Q5_0's minus 16).
 * Q5_1, Q5_K, Q6_K: neither runtime form holds these exactly; they are de-quantized a chunk of rows at a
   time and rounded again to the kind in `LOSSY_KIND` ("int8-32": int8, each group of 32 on its own grid).
@@ -45,7 +46,7 @@ import torch
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType as T
 
 from ..errors import ModelLoadError
-from ..quant import QuantWeight
+from ..quant import PackedInt4, QuantWeight
 
 FLOAT_DTYPES = {T.F32: torch.float32, T.F16: torch.float16, T.BF16: torch.bfloat16}
 EXACT_INT4 = (T.Q4_0, T.Q4_1, T.Q4_K)
@@ -231,7 +232,26 @@ def _round_int8(v: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     return scale
 
 
+def _packed(t: T, raw: np.ndarray, n: int, k: int) -> PackedInt4:
+    """Q4_0 / Q4_1: the file's 16 bytes of nibbles a block are the kernels' layout; one copy of them, and
+    the block's d (and m) as scale and zero."""
+    at = 2 if t == T.Q4_0 else 4
+    packed = torch.empty(n, k // 2, dtype=torch.uint8)
+    scale, zero = torch.empty(n, k // GROUP), torch.empty(n, k // GROUP)
+    for a, b, blocks in _chunks(t, raw, k):
+        packed[a:b].view(b - a, k // GROUP, 16).copy_(blocks[..., at:at + 16])
+        d = _f16(blocks, 0).squeeze(-1)
+        scale[a:b] = d
+        if t == T.Q4_0:
+            zero[a:b] = 0.0
+        else:
+            torch.add(_f16(blocks, 2).squeeze(-1), d, alpha=8, out=zero[a:b])
+    return PackedInt4(packed, scale, zero)
+
+
 def _int4(t: T, raw: np.ndarray, n: int, k: int) -> QuantWeight:
+    if t in (T.Q4_0, T.Q4_1):
+        return _packed(t, raw, n, k)
     q = torch.empty(n, k, dtype=torch.uint8)
     scale, zero = torch.empty(n, k // GROUP), torch.empty(n, k // GROUP)
     for a, b, blocks in _chunks(t, raw, k):
