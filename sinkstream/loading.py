@@ -24,8 +24,8 @@ from .models import model_class
 from .models.base import CausalLM
 from ._malloc import loading, release_freed_memory
 from .linear import use_kernel
-from .quant import (QUANT_TYPES, QuantEmbedding, QuantLinear, QuantWeight, check_quant, fuse_projections,
-                    layer_kind)
+from .quant import (QUANT_TYPES, PackedInt4, QuantEmbedding, QuantLinear, QuantWeight, check_quant,
+                    fuse_projections, layer_kind)
 
 DEFAULT_MODEL = "smollm2"
 QUANT_CHOICES = ("auto",) + QUANT_TYPES
@@ -197,6 +197,8 @@ def _on(w: QuantWeight, device: torch.device) -> QuantWeight:
     """`w` with its tensors on `device` (a QuantLinear off the CPU then holds de-quantized weights there)."""
     if w.scale.device == device:
         return w
+    if isinstance(w, PackedInt4):
+        return PackedInt4(w.packed.to(device), w.scale.to(device), w.zero.to(device))
     return QuantWeight(w.kind, w.q.to(device), w.scale.to(device), None if w.zero is None else w.zero.to(device),
                        w.group)
 

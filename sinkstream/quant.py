@@ -115,11 +115,26 @@ class QuantWeight:
         return cls("int4", q.to(torch.uint8).reshape(n, k), scale, zero, group)
 
 
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """Codes uint8 [N, K] in 0..15 (K a multiple of 32) -> [N, K/2]: in each 32 columns, byte j holds code j in
+    its low nibble and code j + 16 in its high one (our kernels' layout; GGUF's Q4_0 and Q4_1 blocks')."""
+    n, k = q.shape
+    g = q.view(n, k // 32, 2, 16)
+    return (g[:, :, 0] | (g[:, :, 1] << 4)).reshape(n, k // 2)
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """`pack_int4`'s bytes [N, K/2] -> the codes [N, K]."""
+    n, half = packed.shape
+    p = packed.view(n, half // 16, 16)
+    return torch.cat([p & 15, p >> 4], -1).view(n, 2 * half)
+
+
 class PackedInt4(QuantWeight):
-    """An int4 weight (groups of 32) whose codes are held two to a byte as our kernels read them: byte j of
-    each group holds code j in its low nibble and code j + 16 in its high one ([N, K/2] uint8), which is
-    GGUF's Q4_0 and Q4_1 layout, so a file's bytes become a layer's with one copy. `q` unpacks the codes
-    when something asks for them (de-quantizing, other backends)."""
+    """An int4 weight (groups of 32) whose codes are held two to a byte as our kernels read them (`pack_int4`'s
+    layout, [N, K/2] uint8). GGUF's Q4_0 and Q4_1 blocks hold their codes that way and Q4_K's regroup into it
+    with a few bit operations (sinkstream.gguf.quants), so a file's bytes become a layer's without unpacking.
+    `q` unpacks the codes when something asks for them (de-quantizing, other backends)."""
 
     def __init__(self, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor):
         n, half = packed.shape
@@ -130,9 +145,7 @@ class PackedInt4(QuantWeight):
 
     @property
     def q(self) -> torch.Tensor:
-        n, half = self.packed.shape
-        p = self.packed.view(n, half // 16, 16)
-        return torch.cat([p & 15, p >> 4], -1).view(n, 2 * half)
+        return unpack_int4(self.packed)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -271,12 +284,8 @@ class QuantLinear(nn.Module):
             self.register_buffer("weight", weight.dequantize(out_dtype))
         elif self.backend == "qmm":
             if weight.kind == "int4":
-                if isinstance(weight, PackedInt4):  # already in the kernel's layout
-                    qs = weight.packed.contiguous()
-                else:
-                    q = weight.q.view(n, k // 32, 2, 16)
-                    qs = (q[:, :, 0] | (q[:, :, 1] << 4)).reshape(n, k // 2).contiguous()
-                self.register_buffer("qs", qs)
+                qs = weight.packed if isinstance(weight, PackedInt4) else pack_int4(weight.q)  # the kernel's layout
+                self.register_buffer("qs", qs.contiguous())
                 self.register_buffer("d", weight.scale.to(torch.float16))
                 self.register_buffer("m", (weight.zero - 8 * weight.scale).to(torch.float16))
             else:
@@ -362,16 +371,17 @@ class QuantLinear(nn.Module):
 
 class QuantEmbedding(nn.Module):
     """An embedding table kept as a `QuantWeight`; a lookup de-quantizes only the rows it returns.
-    int4 codes are stored two to a byte."""
+    int4 codes are stored two to a byte (`pack_int4`'s layout: a `PackedInt4`'s bytes as they are)."""
 
     def __init__(self, weight: QuantWeight, *, out_dtype: torch.dtype = torch.float32):
         super().__init__()
         self.num_embeddings, self.embedding_dim = weight.shape
         self.kind, self.group, self.out_dtype = weight.kind, weight.group, out_dtype
-        q = weight.q
-        if weight.kind == "int4":
-            q = q[:, 0::2] | (q[:, 1::2] << 4)
-        self.register_buffer("codes", q.contiguous())
+        if weight.kind == "int8":
+            codes = weight.q
+        else:
+            codes = weight.packed if isinstance(weight, PackedInt4) else pack_int4(weight.q)
+        self.register_buffer("codes", codes.contiguous())
         self.register_buffer("scale", weight.scale)
         self.register_buffer("zero", weight.zero if weight.zero is not None else torch.zeros(0))
 
@@ -379,7 +389,7 @@ class QuantEmbedding(nn.Module):
         flat = ids.reshape(-1)
         codes = self.codes[flat]
         if self.kind == "int4":
-            codes = torch.stack([codes & 15, codes >> 4], -1).view(len(flat), self.embedding_dim)
+            codes = unpack_int4(codes)
         rows = QuantWeight(self.kind, codes, self.scale[flat], self.zero[flat] if self.kind == "int4" else None,
                            self.group)
         return rows.dequantize(self.out_dtype).view(*ids.shape, self.embedding_dim)

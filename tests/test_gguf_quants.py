@@ -15,7 +15,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T  # noqa: E402
 from sinkstream.errors import ModelLoadError  # noqa: E402
 from sinkstream.gguf import quants  # noqa: E402
 from sinkstream.gguf.quants import LOSSY_KIND, decode, dequantize  # noqa: E402
-from sinkstream.quant import PackedInt4, QuantLinear, QuantWeight  # noqa: E402
+from sinkstream.quant import PackedInt4, QuantEmbedding, QuantLinear, QuantWeight  # noqa: E402
 
 QUANTIZED = [T.Q4_0, T.Q4_1, T.Q4_K, T.Q5_0, T.Q5_1, T.Q5_K, T.Q6_K, T.Q8_0]
 GGUF_QUANTIZES = (T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0)
@@ -136,21 +136,57 @@ def test_4bit_types_load_as_int4_exactly(t, source):
         assert torch.equal(w.dequantize(), ref) and not w.zero.any()
 
 
-@pytest.mark.parametrize("t", [T.Q4_0, T.Q4_1], ids=lambda t: t.name)
-def test_q4_0_and_q4_1_stay_packed_as_the_kernels_read_them(t):
-    """Their nibbles are the kernels' layout: the layer gets the file's bytes without unpacking, and the same
-    buffers as from unpacked codes; rows and stacking (fused projections) keep them packed."""
-    data = random_blocks(t, 40, 576)
-    w = decode("blk.0.ffn_up.weight", t, (40, 576), data)
-    assert isinstance(w, PackedInt4) and w.shape == (40, 576) and w.nbytes == 40 * 288 + 2 * 40 * 18 * 4
-    codes = QuantWeight("int4", w.q, w.scale, w.zero, 32)
-    assert torch.equal(codes.dequantize(), w.dequantize())
-    fast, slow = QuantLinear(w), QuantLinear(codes)
-    for name in ("qs", "d", "m"):
-        assert torch.equal(getattr(fast, name), getattr(slow, name)), name
+def int4_codes(data: np.ndarray, t: T, n: int, k: int) -> QuantWeight:
+    """Q4_0, Q4_1 or Q4_K bytes [n, bytes per row] read the way gguf's de-quantization reads them, in numpy:
+    codes [n, k], and scale and zero per 32 (the runtime's ``(q - 8) * scale + zero``)."""
+    block, size = GGML_QUANT_SIZES[t]
+    b = data.reshape(n, k // block, size)
+
+    def f16(at):
+        return b[..., at:at + 2].copy().view(np.float16)[..., 0].astype(np.float32)[..., None]
+
+    if t in (T.Q4_0, T.Q4_1):  # 16 bytes: elements 0-15 in the low nibbles, 16-31 in the high ones
+        qs = b[..., 2:18] if t == T.Q4_0 else b[..., 4:20]
+        q = np.concatenate([qs & 15, qs >> 4], -1)
+        scale = f16(0)
+        zero = np.zeros_like(scale) if t == T.Q4_0 else f16(2) + np.float32(8) * scale
+    else:  # per 64 elements 32 bytes: elements 0-31 in the low nibbles, 32-63 in the high ones
+        qs = b[..., 16:144].reshape(n, -1, 4, 1, 32)
+        q = np.concatenate([qs & 15, qs >> 4], -2)
+        s = b[..., 4:16].astype(np.int64)
+        sc = np.concatenate([s[..., 0:4] & 63, (s[..., 8:12] & 15) | ((s[..., 0:4] >> 6) << 4)], -1)
+        mn = np.concatenate([s[..., 4:8] & 63, (s[..., 8:12] >> 4) | ((s[..., 4:8] >> 6) << 4)], -1)
+        scale = f16(0) * sc.astype(np.float32)
+        zero = np.float32(8) * scale - f16(2) * mn.astype(np.float32)
+    return QuantWeight("int4", torch.from_numpy(q.reshape(n, k).astype(np.uint8)),
+                       torch.from_numpy(scale.reshape(n, -1)), torch.from_numpy(zero.reshape(n, -1)), 32)
+
+
+@pytest.mark.parametrize("t,k", [(T.Q4_0, 576), (T.Q4_1, 576), (T.Q4_K, 768)], ids=lambda v: getattr(v, "name", v))
+@pytest.mark.parametrize("source", ["quantized", "random"])
+def test_int4_types_stay_packed_as_the_kernels_read_them(t, k, source):
+    """The codes stay two to a byte in the kernels' layout (Q4_0's and Q4_1's bytes as they are, Q4_K's
+    regrouped): the same codes, scales and zeros as the file's, read independently, so every layer buffer is
+    what unpacked codes give; rows and stacking (fused projections) keep them packed."""
+    data = quantize(realistic_weights(40, k), t) if source == "quantized" else random_blocks(t, 40, k)
+    w, want = decode("blk.0.ffn_up.weight", t, (40, k), data), int4_codes(data, t, 40, k)
+    assert isinstance(w, PackedInt4) and w.shape == (40, k) and w.nbytes == 40 * k // 2 + 2 * 40 * k // 32 * 4
+    assert torch.equal(w.q, want.q) and torch.equal(w.scale, want.scale) and torch.equal(w.zero, want.zero)
+    assert torch.equal(w.dequantize(), want.dequantize())
+    assert torch.equal(dequantize("blk.0.ffn_up.weight", t, (40, k), data), want.dequantize())
+    ref = reference(data, t)
+    assert (w.dequantize() - ref).abs().max() <= 4e-7 * (w.scale.abs() * 8 + w.zero.abs()).amax()
+    for fused in (None, False):
+        fast, slow = (dict(QuantLinear(x, fused=fused).named_buffers()) for x in (w, want))
+        assert fast.keys() == slow.keys() and all(torch.equal(fast[b], slow[b]) for b in fast), fused
+    ids = torch.tensor([[3, 0, 39], [7, 7, 12]])
+    emb = QuantEmbedding(w)(ids)
+    assert torch.equal(emb, QuantEmbedding(want)(ids)) and torch.equal(emb, want.dequantize()[ids])
     both = QuantWeight.concat([w.rows(slice(0, 10)), w.rows(slice(10, 40))])
     assert isinstance(both, PackedInt4) and torch.equal(both.packed, w.packed)
-    assert torch.equal(QuantWeight.concat([w, codes]).dequantize(), torch.cat([w.dequantize()] * 2))
+    perm = torch.randperm(40)
+    assert torch.equal(w.rows(perm).q, want.q[perm])
+    assert torch.equal(QuantWeight.concat([w, want]).dequantize(), torch.cat([want.dequantize()] * 2))
 
 
 @pytest.mark.parametrize("t", list(LOSSY_KIND), ids=lambda t: t.name)

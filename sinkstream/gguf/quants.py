@@ -6,8 +6,8 @@
 * F32, F16, BF16: a torch tensor in that dtype (a copy: torch never holds the reader's read-only memmap).
 * Q4_0, Q4_1, Q4_K: ``int4`` with groups of 32, exactly. Q4_0 ``d * (q - 8)`` is scale d, zero 0; Q4_1
   ``d * q + m`` is scale d, zero m + 8d; Q4_K ``d * sc * q - dmin * m`` (per 32 elements) is scale d * sc,
-  zero 8 * d * sc - dmin * m. The codes are the file's codes; Q4_0's and Q4_1's stay packed as in the file
-  (`PackedInt4`: the kernels' own layout), Q4_K's are unpacked.
+  zero 8 * d * sc - dmin * m. The codes are the file's codes, two to a byte (`PackedInt4`, the kernels'
+  layout): Q4_0's and Q4_1's bytes as they are, Q4_K's with their nibbles regrouped.
 * Q8_0, Q5_0: ``int8`` with a scale per 32 columns, exactly (the file's codes; Q5_0's minus 16).
 * Q5_1, Q5_K, Q6_K: neither runtime form holds these exactly; they are de-quantized a chunk of rows at a
   time and rounded again to the kind in `LOSSY_KIND` ("int8-32": int8, each group of 32 on its own grid).
@@ -32,12 +32,12 @@ case ([256, 2048]) for Q6_K, Q5_1 and Q5_K, and nothing for Q8_0 and Q5_0: a thi
 and a quarter or less of each format's own error against the floats, so that is the choice. Per-row int8
 ("int8") is the form torch's own int8 kernel needs; int4 loses 2.4-10x more than either.
 
-Throughput, MB of GGUF data a second through `decode` for [5632, 2048] (one thread, CPU time, outputs in
-fresh memory, on this shared 2-core machine): Q4_K 750-800, Q4_1 ~650, Q8_0 ~650, Q4_0 ~500, Q6_K ~360,
-Q5_K ~270, Q5_1 ~230, Q5_0 ~200. Faulting in the output's pages is up to half of it (Q4_0 runs at ~900 when
-its memory is reused). The 4-bit codes are unpacked with bit operations on int64 words, 8 codes an
-operation; the other types spend most of their time on float32 passes (convert, scale, max, min, divide,
-round, narrow to int8).
+Throughput, MB of GGUF data a second through `decode` for [5632, 2048] of random blocks (one thread, CPU time,
+outputs in fresh memory as while a model loads, on this shared 2-core machine): Q4_0 ~2350, Q4_1 ~2200, Q8_0
+~1050, Q4_K ~700, Q5_0 ~230, Q6_K ~175, Q5_1 ~140, Q5_K ~135. Q4_0's and Q4_1's codes are copied as they
+are, Q4_K's regrouped with bit operations on 64-bit words (8 bytes an operation); faulting in the outputs'
+pages is much of their time (Q4_0 runs at ~6000, Q4_K at ~1200, when the memory is reused). The other types
+spend most of their time on float32 passes (convert, scale, max, min, divide, round, narrow to int8).
 """
 from __future__ import annotations
 
@@ -57,10 +57,12 @@ SUPPORTED_TYPES = tuple(t.name for t in (*FLOAT_DTYPES, *EXACT_INT4, *LOSSY_KIND
 CHUNK_BYTES = 4 << 20  # float32 bytes of one chunk of rows: temporaries stay a few times this
 GROUP = 32
 # Each block is copied into a slot of `slot` bytes at offset `pad`, so that its code bytes start on 8-byte
-# boundaries: the bit unpacking then works on int64 words, 8 codes an operation.
-_SLOTS = {T.Q4_0: (6, 24), T.Q4_1: (4, 24), T.Q5_0: (2, 24), T.Q5_1: (0, 24), T.Q8_0: (6, 40),
-          T.Q4_K: (0, 144), T.Q5_K: (0, 176), T.Q6_K: (0, 216)}
+# boundaries: the bit unpacking then works on int64 words, 8 codes an operation. (Q4_0 and Q4_1 are read where
+# they lie: `_q4_0_1`.)
+_SLOTS = {T.Q5_0: (2, 24), T.Q5_1: (0, 24), T.Q8_0: (6, 40), T.Q4_K: (0, 144), T.Q5_K: (0, 176), T.Q6_K: (0, 216)}
 _LOW4 = 0x0F0F0F0F0F0F0F0F  # in every byte of a word: its low nibble
+_LOW4_U, _HIGH4_U = np.uint64(_LOW4), np.uint64(_LOW4 << 4)  # the same, and the high nibbles, for numpy words
+_V16 = np.dtype("V16")  # 16 bytes as one item: numpy copies these fast, whatever their alignment
 
 
 def _f16(blocks: torch.Tensor, at: int) -> torch.Tensor:
@@ -93,27 +95,52 @@ def _k_scales(blocks: torch.Tensor) -> torch.Tensor:
     return both.mul_(blocks[..., 0:4].view(torch.float16).float().unsqueeze(-1))
 
 
-# int4-exact types: blocks [R, nb, bytes] -> codes into q [R, nb, block], scale and zero [R, nb, block/32]
+# int4-exact types: rows [N, bytes] -> packed codes [N, K / 2] in `PackedInt4`'s layout (in each 32 elements, byte
+# j holds element j in its low nibble and j + 16 in its high one), scale and zero [N, K / 32]
 
-def _q4_0(blocks, q, scale, zero):
-    _nibbles(_words(blocks, 2, 16), q.unflatten(-1, (2, 16)))
-    scale.copy_(_f16(blocks, 0))
-    zero.zero_()
+def _q4_0_1(t: T, raw: np.ndarray, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> None:
+    """Q4_0 / Q4_1: the 16 bytes of codes a block are the kernels' layout: one copy of 16-byte items, and d (and
+    m) converted where they lie, straight into the outputs (no temporaries)."""
+    blocks = raw.view(_Q4_0_1_BLOCK[t])  # [N, nb]
+    packed.numpy().view(_V16)[...] = blocks["qs"]
+    np.copyto(scale.numpy(), blocks["d"])
+    if t == T.Q4_0:
+        zero.zero_()
+    else:
+        np.copyto(zero.numpy(), blocks["m"])
+        zero.add_(scale, alpha=8)
 
 
-def _q4_1(blocks, q, scale, zero):
-    _nibbles(_words(blocks, 4, 16), q.unflatten(-1, (2, 16)))
-    d = _f16(blocks, 0)
-    scale.copy_(d)
-    torch.add(_f16(blocks, 2), d, alpha=8, out=zero)
-
-
-def _q4_k(blocks, q, scale, zero):
-    # 4 chunks of 64 elements, each 32 bytes: low nibbles are sub-block 2i, high nibbles sub-block 2i + 1
-    _nibbles(_words(blocks, 16, 128).unflatten(-1, (4, 4)), q.unflatten(-1, (4, 2, 32)))
-    scale_min = _k_scales(blocks)
-    scale.copy_(scale_min[..., 0, :])
-    torch.mul(scale_min[..., 0, :], 8, out=zero).sub_(scale_min[..., 1, :])
+def _q4_k(raw: np.ndarray, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> None:
+    """Q4_K, a chunk of rows at a time. Per 64 elements 32 bytes B: element j of sub-block 2c is B[j]'s low
+    nibble, of sub-block 2c + 1 its high nibble. So byte j (0-15) of sub-block 2c is B[j] & 15 | (B[j + 16] &
+    15) << 4, of sub-block 2c + 1 B[j] >> 4 | B[j + 16] & 0xF0. The halves B[:16] and B[16:] are gathered as
+    16-byte items (a fast copy) into scratch words reused by every chunk, so that the bit operations run over
+    long contiguous runs of 64-bit words, 8 bytes an operation, and allocate nothing (a load maps every block
+    of 128 KiB or more afresh: sinkstream/_malloc.py)."""
+    n, k = packed.shape[0], packed.shape[1] * 2
+    nb = k // 256
+    lo, hi, tmp, odd = np.empty((4, min(n, _rows_per_chunk(k)), nb, 4, 2), np.uint64)  # [.., 64 elements, words]
+    for a, b, blocks in _chunks(T.Q4_K, raw, k):
+        r = b - a
+        lo_, hi_, tmp_, odd_ = lo[:r], hi[:r], tmp[:r], odd[:r]
+        halves = blocks[..., 16:144].numpy().view(_V16)  # [R, nb, 8]: B[:16], B[16:] of each 64 elements
+        lo_.view(_V16)[..., 0] = halves[..., 0::2]
+        hi_.view(_V16)[..., 0] = halves[..., 1::2]
+        np.bitwise_and(hi_, _LOW4_U, out=tmp_)
+        np.left_shift(tmp_, np.uint64(4), out=tmp_)  # B[j + 16] & 15 << 4
+        np.bitwise_and(hi_, _HIGH4_U, out=hi_)  # B[j + 16] & 0xF0
+        np.right_shift(lo_, np.uint64(4), out=odd_)
+        np.bitwise_and(odd_, _LOW4_U, out=odd_)
+        np.bitwise_or(odd_, hi_, out=odd_)  # sub-block 2c + 1
+        np.bitwise_and(lo_, _LOW4_U, out=lo_)
+        np.bitwise_or(lo_, tmp_, out=lo_)  # sub-block 2c
+        out = packed[a:b].numpy().view(_V16).reshape(r, nb, 4, 2)  # [.., 64 elements, sub-block 2c | 2c + 1]
+        out[..., 0] = lo_.view(_V16)[..., 0]
+        out[..., 1] = odd_.view(_V16)[..., 0]
+        scale_min = _k_scales(blocks)
+        scale[a:b].view(r, nb, 8).copy_(scale_min[..., 0, :])
+        torch.mul(scale_min[..., 0, :], 8, out=zero[a:b].view(r, nb, 8)).sub_(scale_min[..., 1, :])
 
 
 # the other types: blocks [R, nb, bytes] -> float32 values [R, nb, block]
@@ -169,7 +196,8 @@ def _q6_k(blocks):
     return q.sub_(32).view(torch.int8).view(*lead, 16, 16).float().mul_(scales.unsqueeze(-1)).flatten(-2)
 
 
-_INT4 = {T.Q4_0: _q4_0, T.Q4_1: _q4_1, T.Q4_K: _q4_k}
+_Q4_0_1_BLOCK = {T.Q4_0: np.dtype([("d", "<f2"), ("qs", "V16")]),
+                 T.Q4_1: np.dtype([("d", "<f2"), ("m", "<f2"), ("qs", "V16")])}
 _VALUES = {T.Q8_0: _q8_0, T.Q5_0: _q5_0, T.Q5_1: _q5_1, T.Q5_K: _q5_k, T.Q6_K: _q6_k}
 
 
@@ -182,7 +210,7 @@ def _type_name(ggml_type: int) -> str:
 
 def _rows(name: str, ggml_type: int, shape: tuple[int, ...], data) -> tuple[T, np.ndarray]:
     """Check the type and size; the data as bytes [rows, bytes per row] (a view where the data allows)."""
-    if ggml_type not in FLOAT_DTYPES and ggml_type not in _INT4 and ggml_type not in _VALUES:
+    if ggml_type not in FLOAT_DTYPES and ggml_type not in EXACT_INT4 and ggml_type not in _VALUES:
         raise ModelLoadError(f"tensor {name!r} has type {_type_name(ggml_type)}, which sinkstream cannot "
                              f"read (supported: {', '.join(SUPPORTED_TYPES)})")
     t = T(ggml_type)
@@ -203,7 +231,7 @@ def _chunks(t: T, raw: np.ndarray, k: int):
     """(start, stop, blocks [R, k / block, size] uint8): each chunk of rows copied into aligned slots."""
     block, size = GGML_QUANT_SIZES[t]
     pad, slot = _SLOTS[t]
-    step = max(1, CHUNK_BYTES // (4 * max(k, 1)))
+    step = _rows_per_chunk(k)
     buf = torch.empty(min(step, raw.shape[0]), k // block, slot, dtype=torch.uint8)
     for a in range(0, raw.shape[0], step):
         b = min(raw.shape[0], a + step)
@@ -213,13 +241,6 @@ def _chunks(t: T, raw: np.ndarray, k: int):
 
 def _float(t: T, raw: np.ndarray, shape: tuple[int, ...]) -> torch.Tensor:
     return torch.from_numpy(raw.copy()).view(FLOAT_DTYPES[t]).reshape(shape)
-
-
-def _unpack_int4(t: T, blocks: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> None:
-    """An int4-exact type's blocks [R, nb, size] -> codes into q [R, K], scale and zero [R, K / 32]."""
-    r, nb, _ = blocks.shape
-    block = GGML_QUANT_SIZES[t][0]
-    _INT4[t](blocks, q.view(r, nb, block), scale.view(r, nb, block // GROUP), zero.view(r, nb, block // GROUP))
 
 
 def _round_int8(v: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
@@ -232,31 +253,18 @@ def _round_int8(v: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     return scale
 
 
-def _packed(t: T, raw: np.ndarray, n: int, k: int) -> PackedInt4:
-    """Q4_0 / Q4_1: the file's 16 bytes of nibbles a block are the kernels' layout; one copy of them, and
-    the block's d (and m) as scale and zero."""
-    at = 2 if t == T.Q4_0 else 4
+def _rows_per_chunk(k: int) -> int:
+    return max(1, CHUNK_BYTES // (4 * max(k, 1)))
+
+
+def _int4(t: T, raw: np.ndarray, n: int, k: int) -> PackedInt4:
     packed = torch.empty(n, k // 2, dtype=torch.uint8)
     scale, zero = torch.empty(n, k // GROUP), torch.empty(n, k // GROUP)
-    for a, b, blocks in _chunks(t, raw, k):
-        packed[a:b].view(b - a, k // GROUP, 16).copy_(blocks[..., at:at + 16])
-        d = _f16(blocks, 0).squeeze(-1)
-        scale[a:b] = d
-        if t == T.Q4_0:
-            zero[a:b] = 0.0
-        else:
-            torch.add(_f16(blocks, 2).squeeze(-1), d, alpha=8, out=zero[a:b])
+    if t == T.Q4_K:
+        _q4_k(raw, packed, scale, zero)
+    else:
+        _q4_0_1(t, raw, packed, scale, zero)
     return PackedInt4(packed, scale, zero)
-
-
-def _int4(t: T, raw: np.ndarray, n: int, k: int) -> QuantWeight:
-    if t in (T.Q4_0, T.Q4_1):
-        return _packed(t, raw, n, k)
-    q = torch.empty(n, k, dtype=torch.uint8)
-    scale, zero = torch.empty(n, k // GROUP), torch.empty(n, k // GROUP)
-    for a, b, blocks in _chunks(t, raw, k):
-        _unpack_int4(t, blocks, q[a:b], scale[a:b], zero[a:b])
-    return QuantWeight("int4", q, scale, zero, GROUP)
 
 
 def _round_int8_groups(v: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
@@ -307,14 +315,13 @@ def dequantize(name: str, ggml_type: int, shape: tuple[int, ...], data) -> torch
         return _float(t, raw, shape).float()
     n, k = raw.shape[0], shape[-1]
     out = torch.empty(n, k)
-    for a, b, blocks in _chunks(t, raw, k):
-        if t in _VALUES:
+    if t in EXACT_INT4:
+        step = _rows_per_chunk(k)
+        for a in range(0, n, step):
+            out[a:a + step] = _int4(t, raw[a:a + step], min(step, n - a), k).dequantize()
+    else:
+        for a, b, blocks in _chunks(t, raw, k):
             out[a:b] = _VALUES[t](blocks).view(b - a, k)
-            continue
-        q = torch.empty(b - a, k, dtype=torch.uint8)
-        scale, zero = torch.empty(b - a, k // GROUP), torch.empty(b - a, k // GROUP)
-        _unpack_int4(t, blocks, q, scale, zero)
-        out[a:b] = QuantWeight("int4", q, scale, zero, GROUP).dequantize()
     return out.reshape(shape)
 
 
@@ -328,6 +335,6 @@ def decode(name: str, ggml_type: int, shape: tuple[int, int] | tuple[int], data)
     if len(shape) != 2:
         return dequantize(name, ggml_type, shape, data)
     n, k = shape
-    if t in _INT4:
+    if t in EXACT_INT4:
         return _int4(t, raw, n, k)
     return _requantized(t, raw, n, k, LOSSY_KIND[t])
