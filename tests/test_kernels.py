@@ -208,11 +208,32 @@ def test_rows_are_the_same_alone_or_batched(k, kind):
     gives alone (the batched server's greedy streams rely on it), and close to the de-quantized product."""
     w = int4_weight(40, k) if kind == "int4" else int8_weight(40, k, 32)
     layer = QuantLinear(w)
-    x = torch.randn(9, k)
-    alone = torch.cat([layer(x[i:i + 1]) for i in range(9)])
-    for m in (2, 3, 4, 5, 8, 9):
-        assert torch.equal(layer(x[:m]), alone[:m]), m
+    x = torch.randn(20, k)
+    with torch.inference_mode():  # the kernel path for every row count (MANY_TOKENS and up go to _many)
+        alone = torch.cat([layer._few(x[i:i + 1]) for i in range(20)])
+        for m in (2, 3, 4, 5, 8, 9, 15, 16, 17, 20):  # one-at-a-time rows, tiles, a tile and one more row
+            assert torch.equal(layer._few(x[:m]), alone[:m]), m
     assert rel_err(alone, x @ w.dequantize().t()) < 0.01
+
+
+@pytest.mark.parametrize("kind", ["int4", "int8"])
+def test_tile_products_equal_vnni_products(kind):
+    """Where the CPU has AMX, batches of rows go through tile products; turned off, the VNNI path must give
+    the same bits (the integer dot products are exact, the float steps shared)."""
+    ops = torch.ops.sinkstream
+    w = int4_weight(37, 1056) if kind == "int4" else int8_weight(37, 1056, 32)
+    layer = QuantLinear(w)
+    x = torch.randn(20, 1056)
+    was = ops.qmm_amx(-1)
+    try:
+        ops.qmm_amx(1)
+        tiles = [layer._few(x[:m]) for m in (4, 8, 16, 20)]
+        ops.qmm_amx(0)
+        assert not ops.qmm_amx(-1)
+        for m, got in zip((4, 8, 16, 20), tiles):
+            assert torch.equal(layer._few(x[:m]), got), m
+    finally:
+        ops.qmm_amx(int(was))
 
 
 @pytest.mark.parametrize("interleaved", [False, True])

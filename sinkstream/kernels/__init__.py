@@ -18,7 +18,8 @@ from pathlib import Path
 
 import torch
 
-SOURCES = [Path(__file__).with_name(n) for n in ("qmm.cpp", "norm.cpp", "attn.cpp")]
+SOURCES = [Path(__file__).with_name(n) for n in ("qmm.cpp", "qtile.cpp", "norm.cpp", "attn.cpp")]
+HEADERS = [Path(__file__).with_name("qtile.h")]
 _state: dict[str, object] = {}
 
 
@@ -36,7 +37,7 @@ def _cpu_flags() -> str:
 def build_dir() -> Path:
     root = os.environ.get("SINKSTREAM_KERNEL_CACHE") or \
         Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "sinkstream" / "kernels"
-    key = hashlib.sha256(b"".join(p.read_bytes() for p in SOURCES) + torch.__version__.encode() + _cpu_flags().encode()
+    key = hashlib.sha256(b"".join(p.read_bytes() for p in SOURCES + HEADERS) + torch.__version__.encode() + _cpu_flags().encode()
                          + " ".join(_flags_for_this_cpu()).encode()).hexdigest()
     return Path(root) / key[:16]
 
@@ -49,6 +50,8 @@ def _flags_for_this_cpu() -> list[str]:
     out = ["-O3", "-ffp-contract=off", "-mavx2", "-mfma", "-mf16c"]
     if "avx512_vnni" in flags and "avx512vl" in flags:
         out += ["-mavx512f", "-mavx512vl", "-mavx512vnni"] + (["-mavx512bw"] if "avx512bw" in flags else [])
+        if "amx_tile" in flags and "amx_int8" in flags:
+            out += ["-mamx-tile", "-mamx-int8"]
     elif "avx_vnni" in flags:
         out += ["-mavxvnni"]
     return out
@@ -75,7 +78,7 @@ def load(*, verbose: bool = False) -> bool:
                                extra_cflags=_flags_for_this_cpu() + ["-fopenmp"], extra_ldflags=["-fopenmp"],
                                is_python_module=False, verbose=verbose)
             ok = all(hasattr(torch.ops.sinkstream, op)
-                     for op in ("q4_mm", "f32_mm", "rms_norm", "rotary", "decode_attention", "decode_attention_many"))
+                     for op in ("q4_mm", "f32_mm", "qmm_amx", "rms_norm", "rotary", "decode_attention", "decode_attention_many"))
         except Exception as e:  # noqa: BLE001 - no compiler, no headers: say so once, use torch's kernels
             warnings.warn(f"sinkstream: CPU kernels not built ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
                           "quantized layers use torch's kernels", stacklevel=2)

@@ -1,8 +1,7 @@
 // Matrix products with 4-bit and 8-bit block-quantized weights for the CPU, the way llama.cpp computes
 // them: activations are quantized to int8 per block of 32 on entry, each 32-weight block is an integer dot
-// product (AVX2 maddubs, or VNNI dpbusd where the compiler targets it) scaled once in float. With AVX-512
-// VNNI (QMM_QUADS) a step covers 4 (q4) or 2 (q8) blocks in 512-bit registers and each weight row is
-// unpacked once for up to 4 activation rows (several streams of a batch).
+// product scaled once in float. With AVX-512 VNNI the products are qtile.cpp's (16 weight rows at a time,
+// AMX tiles where the CPU has them); with AVX2 each weight row is a dot product (maddubs, or AVX-VNNI).
 //
 //   q4_mm(x [M,K] f32, qs u8 [N,K/2], d f16 [N,K/32], m f16 [N,K/32]) -> [M,N] f32,  w = q * d + m
 //       nibbles: byte j of a block holds element j (low) and element j + 16 (high), as GGUF's Q4_0/Q4_1.
@@ -12,6 +11,7 @@
 //       same whatever M.
 //   q4_dequant / q8_dequant(rows [r0, r1) of the same) -> [r1-r0, K] bf16: for many-token passes, which go
 //       through a bf16 matrix multiply (oneDNN, AMX where the CPU has it) on a slice of rows at a time.
+// Every path computes a row of y the same whatever the other rows of x.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -20,6 +20,8 @@
 #include <cmath>
 #include <cstdint>
 #include <vector>
+
+#include "qtile.h"
 
 namespace {
 
@@ -32,14 +34,12 @@ struct QuantizedRows {  // activations: int8 per block of 32 with a float scale,
 
 // Where element i of block b of a row of nb blocks goes in the quantized activations, so that one load of
 // packed weight bytes, unpacked as low nibbles then high nibbles, meets its activations with no shuffle:
-//   PLAIN: in order (q8_mm, and q4_mm without AVX2);
-//   PAIRS (q4_mm with AVX2): blocks 2j, 2j+1 as [2j: 0..15, 2j+1: 0..15, 2j: 16..31, 2j+1: 16..31];
-//   QUADS (q4_mm with AVX-512 VNNI): blocks 4j..4j+3 as [4j: 0..15, .., 4j+3: 0..15, 4j: 16..31, ..], then
-//       the last nb % 4 blocks as PAIRS (and a last odd block in order).
-enum Layout { PLAIN, PAIRS, QUADS };
+//   PLAIN: in order (q8_mm, and the column kernels of qtile.cpp);
+//   PAIRS (q4_mm with AVX2 only): blocks 2j, 2j+1 as [2j: 0..15, 2j+1: 0..15, 2j: 16..31, 2j+1: 16..31], and a
+//       last odd block in order.
+enum Layout { PLAIN, PAIRS };
 
 inline int64_t slot(int64_t b, int i, int64_t nb, Layout layout) {
-  if (layout == QUADS && b < nb - nb % 4) return (b & ~int64_t(3)) * QK + (i < 16 ? 0 : 2 * QK) + (b & 3) * 16 + (i & 15);
   if (layout == PLAIN || (b | 1) >= nb) return b * QK + i;
   return (b & ~int64_t(1)) * QK + (i < 16 ? 0 : QK) + (b & 1) * 16 + (i & 15);
 }
@@ -50,6 +50,20 @@ QuantizedRows quantize_rows(const float* x, int64_t M, int64_t K, Layout layout 
   at::parallel_for(0, M * nb, 256, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       const float* v = x + b * QK;
+#if defined(__AVX512F__)
+      if (layout == PLAIN) {  // the same numbers as the loop below, 16 lanes at a time
+        const __m512 v0 = _mm512_loadu_ps(v), v1 = _mm512_loadu_ps(v + 16);
+        const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
+        const float d = amax / 127.f, inv = d ? 1.f / d : 0.f;
+        const __m512 iv = _mm512_set1_ps(inv);  // rounded to nearest even, as nearbyint
+        const __m512i q0 = _mm512_cvtps_epi32(_mm512_mul_ps(v0, iv)), q1 = _mm512_cvtps_epi32(_mm512_mul_ps(v1, iv));
+        _mm_storeu_si128((__m128i*)(r.q.data() + b * QK), _mm512_cvtepi32_epi8(q0));
+        _mm_storeu_si128((__m128i*)(r.q.data() + b * QK + 16), _mm512_cvtepi32_epi8(q1));
+        r.d[b] = d;
+        r.s[b] = d * (float)_mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));
+        continue;
+      }
+#endif
       float amax = 0.f;
       for (int i = 0; i < QK; ++i) amax = std::max(amax, std::fabs(v[i]));
       const float d = amax / 127.f, inv = d ? 1.f / d : 0.f;
@@ -150,135 +164,6 @@ float dot_q4(const uint8_t* qs, const at::Half* d, const at::Half* m, const int8
 #endif
 }
 
-#if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512VL__)
-#define QMM_QUADS 1
-// Blocks [b0, nb) of a q4 row (b0 even, activations in PAIRS order there): the terms d * x_d * (integer dot),
-// in lanes to be summed.
-inline __m256 q4_tail(const uint8_t* qs, const at::Half* d, const int8_t* xq, const float* xd, int64_t b0, int64_t nb) {
-  const __m256i low = _mm256_set1_epi8(0x0F);
-  __m256 acc = _mm256_setzero_ps();
-  int64_t b = b0;
-  for (; b + 1 < nb; b += 2) {  // lanes 0-3: block b, 4-7: block b + 1
-    const __m256i r = _mm256_loadu_si256((const __m256i*)(qs + b * 16));
-    const __m256i p = _mm256_dpbusd_epi32(
-        _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_and_si256(r, low),
-                            _mm256_loadu_si256((const __m256i*)(xq + b * QK))),
-        _mm256_and_si256(_mm256_srli_epi16(r, 4), low), _mm256_loadu_si256((const __m256i*)(xq + b * QK + QK)));
-    const __m256 sc = _mm256_set_m128(_mm_set1_ps(h2f(d[b + 1]) * xd[b + 1]), _mm_set1_ps(h2f(d[b]) * xd[b]));
-    acc = _mm256_fmadd_ps(sc, _mm256_cvtepi32_ps(p), acc);
-  }
-  if (b < nb) {
-    const __m128i r = _mm_loadu_si128((const __m128i*)(qs + b * 16));
-    const __m128i l = _mm_set1_epi8(0x0F);
-    const __m256i w = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(r, 4), l), _mm_and_si128(r, l));
-    const __m256i p = _mm256_dpbusd_epi32(_mm256_setzero_si256(), w, _mm256_loadu_si256((const __m256i*)(xq + b * QK)));
-    acc = _mm256_fmadd_ps(_mm256_set1_ps(h2f(d[b]) * xd[b]), _mm256_cvtepi32_ps(p), acc);
-  }
-  return acc;
-}
-
-// One q4 weight row against R activation rows (i0..i0+R-1, QUADS order): out[r * N] for each. Four blocks
-// (64 weight bytes) a step: their low and high nibbles meet 128 activation bytes in two VNNI dot products
-// whose 16 int32 lanes are 4 per block, scaled by d * x_d spread over those lanes. Each row's arithmetic is
-// the same whatever R, so a row gives the same result alone or in a batch.
-template <int R>
-void q4_rows(const uint8_t* qs, const at::Half* d, const at::Half* m, const QuantizedRows& xr, int64_t i0, int64_t K,
-             int64_t nb, float* out, int64_t N) {
-  const int64_t full = nb - nb % 4;  // blocks in quads
-  const __m512i low = _mm512_set1_epi8(0x0F);
-  const int8_t* xq[R];
-  const float* xd[R];
-  const float* xs[R];
-  __m512 acc[R][2], mins[R];
-  for (int r = 0; r < R; ++r) {
-    xq[r] = xr.q.data() + (i0 + r) * K;
-    xd[r] = xr.d.data() + (i0 + r) * nb;
-    xs[r] = xr.s.data() + (i0 + r) * nb;
-    acc[r][0] = acc[r][1] = mins[r] = _mm512_setzero_ps();
-  }
-  for (int64_t b16 = 0; b16 < nb; b16 += 16) {
-    const int64_t left = std::min<int64_t>(16, nb - b16);
-    const __mmask16 mask = (__mmask16)((1u << left) - 1u);
-    const __m512 d16 = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, d + b16));
-    const __m512 m16 = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, m + b16));
-    __m512 dd[R];
-    for (int r = 0; r < R; ++r) {
-      dd[r] = _mm512_mul_ps(d16, _mm512_maskz_loadu_ps(mask, xd[r] + b16));
-      mins[r] = _mm512_fmadd_ps(m16, _mm512_maskz_loadu_ps(mask, xs[r] + b16), mins[r]);
-    }
-    for (int q = 0; q < 4 && b16 + 4 * q + 4 <= full; ++q) {
-      const int64_t b = b16 + 4 * q;
-      _mm_prefetch((const char*)(qs + 2 * nb * 16 + b * 16), _MM_HINT_T0);  // the row after next
-      const __m512i w = _mm512_loadu_si512((const void*)(qs + b * 16));
-      const __m512i lo = _mm512_and_si512(w, low), hi = _mm512_and_si512(_mm512_srli_epi16(w, 4), low);
-      const __m512i spread = _mm512_add_epi32(_mm512_set1_epi32(4 * q),
-                                              _mm512_srli_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6,
-                                                                                 5, 4, 3, 2, 1, 0), 2));
-      for (int r = 0; r < R; ++r) {
-        const __m512i p = _mm512_dpbusd_epi32(
-            _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512((const void*)(xq[r] + b * QK))), hi,
-            _mm512_loadu_si512((const void*)(xq[r] + b * QK + 2 * QK)));
-        acc[r][q & 1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), _mm512_permutexvar_ps(spread, dd[r]), acc[r][q & 1]);
-      }
-    }
-  }
-  for (int r = 0; r < R; ++r) {
-    __m512 total = _mm512_add_ps(_mm512_add_ps(acc[r][0], acc[r][1]), mins[r]);
-    if (full < nb) total = _mm512_add_ps(total, _mm512_zextps256_ps512(q4_tail(qs, d, xq[r], xd[r], full, nb)));
-    out[r * N] = _mm512_reduce_add_ps(total);
-  }
-}
-
-// One q8 weight row against R activation rows (PLAIN order): out[r * N] for each. Two blocks (64 weight
-// bytes) a step, as unsigned |w| times x carrying w's sign in one VNNI dot product (lanes 0-7: block b,
-// 8-15: block b + 1); the same arithmetic for a row whatever R.
-template <int R>
-void q8_rows(const int8_t* qs, const at::Half* d, const QuantizedRows& xr, int64_t i0, int64_t K, int64_t nb,
-             float* out, int64_t N) {
-  const int64_t full = nb - nb % 2;
-  const int8_t* xq[R];
-  const float* xd[R];
-  __m512 acc[R];
-  for (int r = 0; r < R; ++r) {
-    xq[r] = xr.q.data() + (i0 + r) * K;
-    xd[r] = xr.d.data() + (i0 + r) * nb;
-    acc[r] = _mm512_setzero_ps();
-  }
-  const __m512i zero = _mm512_setzero_si512();
-  const __m512i half = _mm512_srli_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0), 3);
-  for (int64_t b16 = 0; b16 < nb; b16 += 16) {
-    const int64_t left = std::min<int64_t>(16, nb - b16);
-    const __mmask16 mask = (__mmask16)((1u << left) - 1u);
-    const __m512 d16 = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, d + b16));
-    __m512 dd[R];
-    for (int r = 0; r < R; ++r) dd[r] = _mm512_mul_ps(d16, _mm512_maskz_loadu_ps(mask, xd[r] + b16));
-    for (int q = 0; q < 8 && b16 + 2 * q + 2 <= full; ++q) {
-      const int64_t b = b16 + 2 * q;
-      _mm_prefetch((const char*)(qs + 2 * K + b * QK), _MM_HINT_T0);  // the row after next
-      const __m512i w = _mm512_loadu_si512((const void*)(qs + b * QK));
-      const __m512i aw = _mm512_abs_epi8(w);
-      const __mmask64 neg = _mm512_movepi8_mask(w);
-      const __m512i spread = _mm512_add_epi32(_mm512_set1_epi32(2 * q), half);
-      for (int r = 0; r < R; ++r) {
-        const __m512i x = _mm512_loadu_si512((const void*)(xq[r] + b * QK));
-        const __m512i p = _mm512_dpbusd_epi32(zero, aw, _mm512_mask_sub_epi8(x, neg, zero, x));
-        acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), _mm512_permutexvar_ps(spread, dd[r]), acc[r]);
-      }
-    }
-  }
-  for (int r = 0; r < R; ++r) {
-    float sum = _mm512_reduce_add_ps(acc[r]);
-    if (full < nb) {  // a last odd block
-      const __m256i w = _mm256_loadu_si256((const __m256i*)(qs + full * QK));
-      const __m256i x = _mm256_loadu_si256((const __m256i*)(xq[r] + full * QK));
-      const __m256i p = _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w));
-      sum += h2f(d[full]) * xd[r][full] * hsum(_mm256_cvtepi32_ps(p));
-    }
-    out[r * N] = sum;
-  }
-}
-#endif
-
 float dot_q8(const int8_t* qs, const at::Half* d, const int8_t* xq, const float* xd, int64_t nb) {
 #if defined(__AVX2__)
   __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
@@ -362,37 +247,28 @@ at::Tensor q4_mm(at::Tensor x, at::Tensor qs, at::Tensor d, at::Tensor m) {
   TORCH_CHECK(m.sizes() == d.sizes() && m.scalar_type() == at::kHalf && m.is_contiguous(), "m like d");
   const int64_t M = x.size(0), K = x.size(1), N = qs.size(0), nb = K / QK;
   auto y = at::empty({M, N}, x.options());
-#if defined(QMM_QUADS)
-  const auto xr = quantize_rows(x.data_ptr<float>(), M, K, QUADS);
-#elif defined(__AVX2__)
-  const auto xr = quantize_rows(x.data_ptr<float>(), M, K, PAIRS);
-#else
-  const auto xr = quantize_rows(x.data_ptr<float>(), M, K);
-#endif
   const uint8_t* w = qs.data_ptr<uint8_t>();
   const at::Half* dp = d.data_ptr<at::Half>();
   const at::Half* mp = m.data_ptr<at::Half>();
   float* out = y.data_ptr<float>();
+#if defined(QTILE_COLS)
+  const auto xr = quantize_rows(x.data_ptr<float>(), M, K);
+  qtile::q4(xr.q.data(), xr.d.data(), xr.s.data(), M, K, w, dp, mp, N, out);
+#else
+#if defined(__AVX2__)
+  const auto xr = quantize_rows(x.data_ptr<float>(), M, K, PAIRS);
+#else
+  const auto xr = quantize_rows(x.data_ptr<float>(), M, K);
+#endif
   at::parallel_for(0, N, GRAIN, [&](int64_t n0, int64_t n1) {
     for (int64_t n = n0; n < n1; ++n) {
-#if defined(QMM_QUADS)
-      const uint8_t* wn = w + n * nb * 16;
-      int64_t i = 0;
-      for (; i + 4 <= M; i += 4) q4_rows<4>(wn, dp + n * nb, mp + n * nb, xr, i, K, nb, out + i * N + n, N);
-      switch (M - i) {
-        case 3: q4_rows<3>(wn, dp + n * nb, mp + n * nb, xr, i, K, nb, out + i * N + n, N); break;
-        case 2: q4_rows<2>(wn, dp + n * nb, mp + n * nb, xr, i, K, nb, out + i * N + n, N); break;
-        case 1: q4_rows<1>(wn, dp + n * nb, mp + n * nb, xr, i, K, nb, out + i * N + n, N); break;
-        default: break;
-      }
-#else
       for (int64_t i = 0; i < M; ++i) {
         out[i * N + n] = dot_q4(w + n * nb * 16, dp + n * nb, mp + n * nb, xr.q.data() + i * K,
                                 xr.d.data() + i * nb, xr.s.data() + i * nb, nb);
       }
-#endif
     }
   });
+#endif
   return y;
 }
 
@@ -430,26 +306,30 @@ at::Tensor q8_mm(at::Tensor x, at::Tensor qs, at::Tensor d) {
   const int8_t* w = qs.data_ptr<int8_t>();
   const at::Half* dp = d.data_ptr<at::Half>();
   float* out = y.data_ptr<float>();
+#if defined(QTILE_COLS)
+  qtile::q8(xr.q.data(), xr.d.data(), M, K, w, dp, N, out);
+#else
   at::parallel_for(0, N, GRAIN, [&](int64_t n0, int64_t n1) {
     for (int64_t n = n0; n < n1; ++n) {
-#if defined(QMM_QUADS)
-      int64_t i = 0;
-      for (; i + 4 <= M; i += 4) q8_rows<4>(w + n * K, dp + n * nb, xr, i, K, nb, out + i * N + n, N);
-      switch (M - i) {
-        case 3: q8_rows<3>(w + n * K, dp + n * nb, xr, i, K, nb, out + i * N + n, N); break;
-        case 2: q8_rows<2>(w + n * K, dp + n * nb, xr, i, K, nb, out + i * N + n, N); break;
-        case 1: q8_rows<1>(w + n * K, dp + n * nb, xr, i, K, nb, out + i * N + n, N); break;
-        default: break;
-      }
-#else
       for (int64_t i = 0; i < M; ++i) {
         out[i * N + n] = dot_q8(w + n * K, dp + n * nb, xr.q.data() + i * K, xr.d.data() + i * nb, nb);
       }
-#endif
     }
   });
+#endif
   return y;
 }
+
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+// 16 floats to bfloat16, rounded to nearest even as at::BFloat16 rounds finite values
+inline void store_bf16(at::BFloat16* dst, __m512 v) {
+  const __m512i b = _mm512_castps_si512(v);
+  const __m512i bias = _mm512_add_epi32(_mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1)),
+                                        _mm512_set1_epi32(0x7FFF));
+  _mm256_storeu_si256((__m256i*)dst, _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_add_epi32(b, bias), 16)));
+}
+#define QMM_DEQUANT_512 1
+#endif
 
 at::Tensor q4_dequant(at::Tensor qs, at::Tensor d, at::Tensor m, int64_t r0, int64_t r1) {
   TORCH_CHECK(qs.scalar_type() == at::kByte && qs.is_contiguous() && d.is_contiguous() && m.is_contiguous(), "q4 layout");
@@ -466,6 +346,14 @@ at::Tensor q4_dequant(at::Tensor qs, at::Tensor d, at::Tensor m, int64_t r0, int
         const float dd = h2f(dp[n * nb + j]), mm = h2f(mp[n * nb + j]);
         const uint8_t* src = q + (n * nb + j) * 16;
         at::BFloat16* dst = out + (n - r0) * K + j * QK;
+#if defined(QMM_DEQUANT_512)  // the same multiply and add, 16 at a time
+        const __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)src));
+        const __m512 dv = _mm512_set1_ps(dd), mv = _mm512_set1_ps(mm);
+        const __m512i fifteen = _mm512_set1_epi32(15);
+        store_bf16(dst, _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_and_si512(bytes, fifteen)), dv), mv));
+        store_bf16(dst + 16, _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(bytes, 4)), dv), mv));
+        continue;
+#endif
         for (int i = 0; i < 16; ++i) {
           dst[i] = at::BFloat16((src[i] & 15) * dd + mm);
           dst[i + 16] = at::BFloat16((src[i] >> 4) * dd + mm);
@@ -486,6 +374,13 @@ at::Tensor q8_dequant(at::Tensor qs, at::Tensor d, int64_t r0, int64_t r1) {
   at::BFloat16* out = w.data_ptr<at::BFloat16>();
   at::parallel_for(r0, r1, 8, [&](int64_t a, int64_t b) {
     for (int64_t n = a; n < b; ++n) {
+#if defined(QMM_DEQUANT_512)
+      for (int64_t i = 0; i < K; i += 16) {
+        const __m512 w = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(q + n * K + i))));
+        store_bf16(out + (n - r0) * K + i, _mm512_mul_ps(w, _mm512_set1_ps(h2f(dp[n * nb + i / QK]))));
+      }
+      continue;
+#endif
       for (int64_t i = 0; i < K; ++i) out[(n - r0) * K + i] = at::BFloat16(q[n * K + i] * h2f(dp[n * nb + i / QK]));
     }
   });
