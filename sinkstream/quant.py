@@ -181,7 +181,8 @@ def pack_int4_for_cpu(q: torch.Tensor) -> torch.Tensor:
 # Passes with at least this many tokens (prefill) de-quantize a slice of rows at a time to bfloat16 and
 # use a matrix multiply (oneDNN; AMX where the CPU has it): there compute, not weight bytes, is the cost.
 MANY_TOKENS = 16
-ROWS_PER_SLICE = 4096  # bounds the bfloat16 temporary of a many-token pass
+ROWS_PER_SLICE = 1024  # bounds the bfloat16 temporary of a many-token pass
+MANY_BLOCK = 128  # activation rows a matrix multiply call (see QuantLinear._many)
 
 
 # A pass that packs several streams' tokens (sinkstream.batch) sets, per row count of the activations it
@@ -343,14 +344,23 @@ class QuantLinear(nn.Module):
 
     def _many(self, x: torch.Tensor) -> torch.Tensor:
         """A bfloat16 matrix multiply over de-quantized slices of rows (kept between passes inside
-        `keeping_dequantized`, within KEEP_DEQUANTIZED_BYTES)."""
+        `keeping_dequantized`, within KEEP_DEQUANTIZED_BYTES), MANY_BLOCK activation rows a call, the last
+        block padded with zeros: the library's multiply rounds a row differently with the number of rows
+        beside it, never with their values or its place among a fixed number of them, so a prompt's rows
+        come out the same alone, in other chunks, or packed with other prompts in a batched step."""
+        m = x.shape[0]
         xb = x.to(torch.bfloat16)
+        if m % MANY_BLOCK:
+            xb = torch.cat([xb, xb.new_zeros(MANY_BLOCK - m % MANY_BLOCK, xb.shape[1])])
         n = self.out_features
         kept = self._kept_bf16() if _KEEP.get() else None
-        y = torch.empty(x.shape[0], n, dtype=torch.float32)
+        y = torch.empty(m, n, dtype=torch.float32)
         for r0 in range(0, n, ROWS_PER_SLICE):
             r1 = min(n, r0 + ROWS_PER_SLICE)
-            y[:, r0:r1] = F.linear(xb, kept[r0:r1] if kept is not None else self._dequant(r0, r1))
+            w = kept[r0:r1] if kept is not None else self._dequant(r0, r1)
+            for a in range(0, m, MANY_BLOCK):
+                b = min(m, a + MANY_BLOCK)
+                y[a:b, r0:r1] = F.linear(xb[a:a + MANY_BLOCK], w)[:b - a]
         return y
 
     def _dequant(self, r0: int, r1: int) -> torch.Tensor:

@@ -280,3 +280,17 @@ def test_float_linear_rows_are_the_same_alone_or_batched():
     with rows_by_stream([True] * 3 + [False] * MANY_TOKENS):
         mixed = lin(torch.cat([x[:3], many]))
     assert torch.equal(mixed[:3], alone[:3]) and torch.equal(mixed[3:], lin(many))
+
+
+@pytest.mark.parametrize("kind", ["int4", "int8"])
+def test_many_token_rows_do_not_depend_on_the_other_rows(kind):
+    """Prompt rows (passes of MANY_TOKENS or more) go through a bfloat16 matrix multiply: a row must come out
+    the same whichever other rows share the pass (a batched server step packs several prompts; alone a
+    prompt may be cut into other chunks), or a batched stream can drift from the same stream alone."""
+    w = int4_weight(300, 576) if kind == "int4" else int8_weight(300, 576, 32)
+    layer = QuantLinear(w)
+    x = torch.randn(200, 576)
+    with torch.inference_mode():
+        full = layer._many(x)
+        for a, b in ((0, 45), (45, 200), (10, 26), (0, 16), (130, 197)):
+            assert torch.equal(layer._many(x[a:b]), full[a:b]), (a, b)
