@@ -182,7 +182,7 @@ def pack_int4_for_cpu(q: torch.Tensor) -> torch.Tensor:
 # use a matrix multiply (oneDNN; AMX where the CPU has it): there compute, not weight bytes, is the cost.
 MANY_TOKENS = 16
 ROWS_PER_SLICE = 1024  # bounds the bfloat16 temporary of a many-token pass
-MANY_BLOCK = 128  # activation rows a matrix multiply call (see QuantLinear._many)
+MANY_BLOCK = 32  # activation rows a matrix multiply call (see QuantLinear._many)
 
 
 # A pass that packs several streams' tokens (sinkstream.batch) sets, per row count of the activations it
