@@ -169,7 +169,8 @@ def _pass(model, feeds: list[Feed], budget: int | None, whole: int | None) -> No
     # their de-quantized weights until it is in (sinkstream.quant.keeping_dequantized)
     chunked = any(n == 1 for _, n in parts) and any(f.remaining > n > 0 and n < f.cache.chunk_size()
                                                     for f, n in parts)
-    with rows_by_stream(few, rows), (keeping_dequantized() if chunked else contextlib.nullcontext()):
+    with rows_by_stream(few, rows, [n for _, n in parts]), \
+            (keeping_dequantized() if chunked else contextlib.nullcontext()):
         if len(parts) == 1:
             f = parts[0][0]
             sel = slice(rows[0], rows[-1] + 1) if rows else slice(0, 0)

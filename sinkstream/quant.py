@@ -181,8 +181,7 @@ def pack_int4_for_cpu(q: torch.Tensor) -> torch.Tensor:
 # Passes with at least this many tokens (prefill) de-quantize a slice of rows at a time to bfloat16 and
 # use a matrix multiply (oneDNN; AMX where the CPU has it): there compute, not weight bytes, is the cost.
 MANY_TOKENS = 16
-ROWS_PER_SLICE = 1024  # bounds the bfloat16 temporary of a many-token pass
-MANY_BLOCK = 32  # activation rows a matrix multiply call (see QuantLinear._many)
+ROWS_PER_SLICE = 4096  # bounds the bfloat16 temporary of a many-token pass
 
 
 # A pass that packs several streams' tokens (sinkstream.batch) sets, per row count of the activations it
@@ -204,15 +203,25 @@ def few_token_rows(chunks: list[tuple[int, int, int, int]]) -> list[bool]:
 
 
 @contextlib.contextmanager
-def rows_by_stream(few: list[bool], rows: list[int] | None = None):
+def rows_by_stream(few: list[bool], rows: list[int] | None = None, sizes: list[int] | None = None):
     """Within the block, a quantized linear layer multiplying packed tokens whose rows `few` marks (see
-    `few_token_rows`), or the `rows` of them that get logits, computes each row as its stream would alone."""
+    `few_token_rows`), or the `rows` of them that get logits, computes each row as its stream would alone.
+    `sizes`: the streams' token counts in packing order, which lets the matrix multiply of the rows that
+    are not `few` run stream by stream (`many_splits`)."""
     def summary(marks: list[bool]):  # True or False when every row agrees (no tensor work per layer), else a mask
         return True if all(marks) else False if not any(marks) else torch.tensor(marks, dtype=torch.bool)
 
-    groups = {len(few): summary(few)}
+    def splits(picked: list[int]):  # rows not `few` per stream, for the rows `picked` (None: one call)
+        counts, start = [], 0
+        for size in sizes or []:
+            counts.append(sum(1 for r in picked if start <= r < start + size and not few[r]))
+            start += size
+        counts = [c for c in counts if c]
+        return counts if len(counts) > 1 else None
+
+    groups = {len(few): (summary(few), splits(range(len(few))))}
     if rows is not None and len(rows) != len(few):
-        groups[len(rows)] = summary([few[r] for r in rows])
+        groups[len(rows)] = (summary([few[r] for r in rows]), splits(rows))
     token = _ROW_GROUPS.set(groups)
     try:
         yield
@@ -225,7 +234,15 @@ def few_rows(n: int) -> bool | torch.Tensor:
     them, or a mask; inside `rows_by_stream`, as each row's stream would alone, else by n."""
     groups = _ROW_GROUPS.get()
     few = groups.get(n) if groups is not None else None
-    return n < MANY_TOKENS if few is None else few
+    return n < MANY_TOKENS if few is None else few[0]
+
+
+def many_splits(n: int) -> list[int] | None:
+    """Inside `rows_by_stream` with the streams' sizes: how many of the n rows that are not few-token rows
+    each stream has (in order; streams with none left out), when more than one has some; else None."""
+    groups = _ROW_GROUPS.get()
+    hit = groups.get(n) if groups is not None else None
+    return None if hit is None else hit[1]
 
 
 # A prompt fed in small chunks beside decoding streams (sinkstream.batch) takes the matrix-multiply path in
@@ -330,10 +347,10 @@ class QuantLinear(nn.Module):
         if few is True:
             return self._few(x)
         if few is False:
-            return self._many(x)
+            return self._many(x, many_splits(x.shape[0]))
         y = torch.empty(x.shape[0], self.out_features, dtype=torch.float32)
         y[few] = self._few(x[few])
-        y[~few] = self._many(x[~few])
+        y[~few] = self._many(x[~few], many_splits(x.shape[0]))
         return y
 
     def _few(self, x: torch.Tensor) -> torch.Tensor:
@@ -342,25 +359,24 @@ class QuantLinear(nn.Module):
         x = x.float().contiguous()
         return ops.q4_mm(x, self.qs, self.d, self.m) if self.kind == "int4" else ops.q8_mm(x, self.qs, self.d)
 
-    def _many(self, x: torch.Tensor) -> torch.Tensor:
+    def _many(self, x: torch.Tensor, splits: list[int] | None = None) -> torch.Tensor:
         """A bfloat16 matrix multiply over de-quantized slices of rows (kept between passes inside
-        `keeping_dequantized`, within KEEP_DEQUANTIZED_BYTES), MANY_BLOCK activation rows a call, the last
-        block padded with zeros: the library's multiply rounds a row differently with the number of rows
-        beside it, never with their values or its place among a fixed number of them, so a prompt's rows
-        come out the same alone, in other chunks, or packed with other prompts in a batched step."""
-        m = x.shape[0]
+        `keeping_dequantized`, within KEEP_DEQUANTIZED_BYTES). The library's multiply rounds a row
+        differently with the number of rows in the call (never with their values or its place among a
+        fixed number of them): `splits` (row counts, one per stream of a batched pass) gives each stream a
+        call of its own, the call it makes alone."""
         xb = x.to(torch.bfloat16)
-        if m % MANY_BLOCK:
-            xb = torch.cat([xb, xb.new_zeros(MANY_BLOCK - m % MANY_BLOCK, xb.shape[1])])
         n = self.out_features
         kept = self._kept_bf16() if _KEEP.get() else None
-        y = torch.empty(m, n, dtype=torch.float32)
+        bounds = [0]
+        for c in splits or [x.shape[0]]:
+            bounds.append(bounds[-1] + c)
+        y = torch.empty(x.shape[0], n, dtype=torch.float32)
         for r0 in range(0, n, ROWS_PER_SLICE):
             r1 = min(n, r0 + ROWS_PER_SLICE)
             w = kept[r0:r1] if kept is not None else self._dequant(r0, r1)
-            for a in range(0, m, MANY_BLOCK):
-                b = min(m, a + MANY_BLOCK)
-                y[a:b, r0:r1] = F.linear(xb[a:a + MANY_BLOCK], w)[:b - a]
+            for a, b in zip(bounds, bounds[1:]):
+                y[a:b, r0:r1] = F.linear(xb[a:b], w)
         return y
 
     def _dequant(self, r0: int, r1: int) -> torch.Tensor:

@@ -283,14 +283,21 @@ def test_float_linear_rows_are_the_same_alone_or_batched():
 
 
 @pytest.mark.parametrize("kind", ["int4", "int8"])
-def test_many_token_rows_do_not_depend_on_the_other_rows(kind):
-    """Prompt rows (passes of MANY_TOKENS or more) go through a bfloat16 matrix multiply: a row must come out
-    the same whichever other rows share the pass (a batched server step packs several prompts; alone a
-    prompt may be cut into other chunks), or a batched stream can drift from the same stream alone."""
+def test_many_token_rows_of_a_stream_do_not_depend_on_the_other_streams(kind):
+    """Prompt rows (passes of MANY_TOKENS or more) go through a bfloat16 matrix multiply, which rounds a row
+    differently with the number of rows in the call: in a batched pass each stream's rows get a call of
+    their own (rows_by_stream's sizes), so a prompt packed with others comes out as alone."""
+    from sinkstream.quant import rows_by_stream
     w = int4_weight(300, 576) if kind == "int4" else int8_weight(300, 576, 32)
     layer = QuantLinear(w)
     x = torch.randn(200, 576)
     with torch.inference_mode():
-        full = layer._many(x)
-        for a, b in ((0, 45), (45, 200), (10, 26), (0, 16), (130, 197)):
-            assert torch.equal(layer._many(x[a:b]), full[a:b]), (a, b)
+        alone = [layer(x[a:b]) for a, b in ((0, 45), (45, 52), (52, 200))]
+        with rows_by_stream([False] * 45 + [True] * 7 + [False] * 148, sizes=[45, 7, 148]):
+            packed = layer(x)
+        assert torch.equal(packed, torch.cat(alone))
+        with rows_by_stream([False] * 45 + [True] * 7 + [False] * 148, [44, 51, 199], sizes=[45, 7, 148]):
+            logits = layer(x[[44, 51, 199]])  # the rows that get logits: one from each stream
+        # alone, a prompt's last row gets its logits in a many-token pass of one row; the 7-token stream's by the kernel
+        assert torch.equal(logits, torch.cat([layer._many(x[i:i + 1]) if i != 51 else layer._few(x[i:i + 1])
+                                              for i in (44, 51, 199)]))
