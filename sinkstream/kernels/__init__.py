@@ -1,5 +1,6 @@
-"""Our CPU kernels: block-quantized matrix products (qmm.cpp), an RMS norm and RoPE (norm.cpp) and decode
-attention (attn.cpp), compiled for this machine on first use.
+"""Our CPU kernels: block-quantized matrix products (qmm.cpp; on AVX-512 VNNI CPUs qtile.cpp, with AMX int8
+tiles where the CPU has them), an RMS norm and RoPE (norm.cpp) and decode attention (attn.cpp), compiled
+for this machine on first use.
 
 ``make`` builds them (``python -m sinkstream.kernels``); otherwise the first quantized model builds them
 (about 20 s) into ``$SINKSTREAM_KERNEL_CACHE`` (default ``~/.cache/sinkstream/kernels``, not moved by
