@@ -35,9 +35,9 @@ namespace {
 constexpr int QK = 32;
 constexpr int MR = 16;  // activation rows a pass over the weights (the rows of an AMX tile)
 constexpr int AMX_MIN_ROWS = 4;  // fewer rows go through VNNI (measured: the same time at 3 rows)
-// q4 activation rows that take q4_rows (measured: faster than group() up to 2 rows on SmolLM2's short rows,
-// up to 5 on a 1B model's)
-constexpr int ROWS_MAX = 3;
+// q4 activation rows that take q4_rows rather than group() (measured on one matrix: q4_rows faster up to 2
+// rows on SmolLM2's short rows, K 576, and up to 5 on a 1B model's, K 2048)
+inline int rows_max(int64_t nb) { return nb >= 64 ? 5 : 3; }
 constexpr int PREFETCH = 16;  // chunks
 
 // r[i] lane j -> r[j] lane i, 16 x 16 32-bit lanes: 32-bit and 64-bit interleaves within 128-bit lanes, then
@@ -345,13 +345,13 @@ void run(const int8_t* xq, const float* xd, const float* xs, int64_t M, int64_t 
   const int64_t nb = K / QK, groups = (N + 15) / 16;
   const bool amx = amx_on();
   const int64_t K4 = (nb + 15) / 16 * 512;  // whole spans of 16 blocks, zeros past K
-  const bool by_rows = !Q8 && (M % MR == 0 ? MR : M % MR) <= ROWS_MAX;  // some chunk of rows goes through q4_rows
+  const bool by_rows = !Q8 && (M % MR == 0 ? MR : M % MR) <= rows_max(nb);  // a chunk of rows takes q4_rows
   const std::vector<int8_t> quads = by_rows ? to_quads(xq, M, K, K4) : std::vector<int8_t>();
   at::parallel_for(0, groups, 1, [&](int64_t g0, int64_t g1) {
     bool configured = false;
     for (int64_t m0 = 0; m0 < M; m0 += MR) {
       const Acts a{xq + m0 * K, xd + m0 * nb, xs ? xs + m0 * nb : nullptr, (int)std::min<int64_t>(MR, M - m0), K, nb};
-      const bool rows_path = !Q8 && a.mc <= ROWS_MAX, tiles = amx && !rows_path && a.mc >= AMX_MIN_ROWS;
+      const bool rows_path = !Q8 && a.mc <= rows_max(nb), tiles = amx && !rows_path && a.mc >= AMX_MIN_ROWS;
 #if defined(QTILE_AMX)
       if (tiles) configure(a.mc), configured = true;
 #endif
@@ -364,7 +364,9 @@ void run(const int8_t* xq, const float* xd, const float* xs, int64_t M, int64_t 
         else switch (a.mc) {
           case 1: q4_rows<1>(qs, d, m, 16 * g, rows, a, xg, K4, yg, N); break;
           case 2: q4_rows<2>(qs, d, m, 16 * g, rows, a, xg, K4, yg, N); break;
-          default: q4_rows<ROWS_MAX>(qs, d, m, 16 * g, rows, a, xg, K4, yg, N); break;
+          case 3: q4_rows<3>(qs, d, m, 16 * g, rows, a, xg, K4, yg, N); break;
+          case 4: q4_rows<4>(qs, d, m, 16 * g, rows, a, xg, K4, yg, N); break;
+          default: q4_rows<5>(qs, d, m, 16 * g, rows, a, xg, K4, yg, N); break;
         }
       }
     }
