@@ -36,7 +36,8 @@ from dataclasses import dataclass, field
 import torch
 
 from .errors import EmptyInputError, SinkstreamError
-from .quant import few_token_rows, keeping_dequantized, release_dequantized, rows_by_stream
+from .passrows import few_token_rows, rows_by_stream
+from .quant import keeping_dequantized, release_dequantized
 
 PREFILL_BUDGET = 256  # prompt tokens per step beside decoding streams that short prompts may take whole
 PREFILL_SHARE = 1.0   # prompt tokens beside decoding streams cost about this many decode steps' time

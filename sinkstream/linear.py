@@ -5,7 +5,7 @@ blocks of many rows: with 8 rows (8 streams of a batch) it spent about 2.3x the 
 SmolLM2's float32 weights, compute rather than the weight bytes both read once. ``f32_mm``
 (sinkstream/kernels/qmm.cpp) reads each weight row once for up to 4 activation rows, and computes every row
 the same way whatever the number of rows, so a stream's logits are the same alone or batched. Rows that
-would be in a pass of `MANY_TOKENS` or more alone (prefill; `sinkstream.quant.few_rows` says which, as for
+would be in a pass of `MANY_TOKENS` or more alone (prefill; `sinkstream.passrows.few_rows` says which, as for
 the quantized layers), other dtypes and devices use ``F.linear``.
 """
 from __future__ import annotations
@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import kernels
-from .quant import few_rows
+from .passrows import few_rows
 
 
 class Linear(nn.Linear):
