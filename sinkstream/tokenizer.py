@@ -6,6 +6,11 @@ from pathlib import Path
 
 
 def load_tokenizer(folder: str | Path):
+    """The tokenizer of a model folder: a `sinkstream.tokenizer_json.Tokenizer` where the folder holds one
+    (GGUF files' folders, saved tokenizers), else transformers' AutoTokenizer."""
+    from .tokenizer_json import META, Tokenizer
+    if (Path(folder) / META).exists():
+        return Tokenizer.from_folder(folder)
     from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
     hf_logging.set_verbosity_error()

@@ -1,7 +1,8 @@
 """A tokenizer folder (tokenizer.json, tokenizer_config.json, chat template) built from a GGUF's metadata.
 
 transformers' GGUF tokenizer conversion reads only the metadata (vocabulary, merges, special ids, chat
-template), never a tensor. The folder is cached under ``cache_root()``, keyed by the file's size,
+template), never a tensor; it runs once per file, and the folder it leaves is a `sinkstream.tokenizer_json`
+folder, which later loads need no transformers for. The folder is cached under ``cache_root()``, keyed by the file's size,
 modification time and the bytes of its header and metadata, so a cache hit reads a few MB, not the file.
 """
 from __future__ import annotations
@@ -14,9 +15,10 @@ import tempfile
 from pathlib import Path
 
 from ..errors import ModelLoadError
+from ..tokenizer_json import Tokenizer
 
-MARK = "tokenizer_config.json"  # written by save_pretrained; its presence means the folder is complete
-FORMAT = 1  # part of the key: raise it when what the folder holds changes
+MARK = "sinkstream_tokenizer.json"  # written last; its presence means the folder is complete
+FORMAT = 2  # part of the key: raise it when what the folder holds changes
 
 
 def cache_key(path: Path, header_bytes: int) -> str:
@@ -59,6 +61,7 @@ def tokenizer_folder(path: Path, header_bytes: int) -> Path:
         config = json.loads(config_file.read_text())
         config["tokenizer_class"] = "TokenizersBackend"
         config_file.write_text(json.dumps(config, indent=2, ensure_ascii=False))
+        Tokenizer.from_transformers(AutoTokenizer.from_pretrained(str(tmp))).save_pretrained(tmp)
         try:
             os.replace(tmp, out)
         except OSError:  # another process finished the same folder first
