@@ -617,9 +617,11 @@ async def run_quant(args, quant: str, results: dict, supports_batch: bool) -> No
         print(f"server {server.url} ready in {server.ready_s:.1f} s", flush=True)
         c = Client(server.url, args.extra_body, args.request_timeout)
         try:
-            try:  # pays first-request costs; a server that cannot answer this is not worth waiting for
-                warm = await asyncio.wait_for(c.stream([{"role": "user", "content": "Hi"}], 4, session=None),
-                                              args.ready_timeout)
+            try:  # pays first-request costs (in a session: the first chat of a server computes the template's
+                # start, which later sessions copy from its prefix store); a server that cannot answer this is
+                # not worth waiting for
+                warm = await asyncio.wait_for(c.stream([{"role": "user", "content": "Hi"}], 4,
+                                                       session=await c.session("warm")), args.ready_timeout)
             except asyncio.TimeoutError:
                 raise RuntimeError(f"warm-up request: no answer in {args.ready_timeout:.0f} s") from None
             if warm.error:

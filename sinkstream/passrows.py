@@ -12,55 +12,78 @@ import contextvars
 
 import torch
 
-# Passes with at least this many tokens (prefill) de-quantize a slice of rows at a time to bfloat16 and
-# use a matrix multiply (oneDNN; AMX where the CPU has it): there compute, not weight bytes, is the cost.
+# Passes with at least this many tokens (prefill) go through a matrix multiply library rather than our
+# few-row kernels: float32 layers (torch's sgemm against f32_mm), and quantized ones, which de-quantize a
+# slice of rows at a time to bfloat16 (oneDNN; AMX where the CPU has it). Below it the kernels are faster:
+# for SmolLM2's int4 layers 8.6 against 25.2 ms a pass of 16 rows, 32.1 against 36.1 at 64 rows, 48.2
+# against 39.5 at 96 (the 1.1B shape crosses at about the same count), measured with every projection of
+# a layer, the de-quantization included, one row count at a time.
 MANY_TOKENS = 16
+QUANT_MANY_TOKENS = 64
 
 
 # A pass that packs several streams' tokens (sinkstream.batch) sets, per row count of the activations it
-# multiplies (all tokens; the rows that get logits), which rows a stream alone would pass in a chunk of fewer
-# than MANY_TOKENS tokens. Those rows take the kernel path and the others the matrix multiply, as alone: a
-# stream's numbers do not depend on who shares its pass or on how its prompt is split between steps.
+# multiplies (all tokens; the rows that get logits), the size of the pass each row would be in if its stream
+# were fed alone. A layer with threshold `many` sends rows of passes smaller than `many` to its kernel and
+# the others to the matrix multiply, as alone: a stream's numbers do not depend on who shares its pass or on
+# how its prompt is split between steps.
 _ROW_GROUPS: contextvars.ContextVar = contextvars.ContextVar("sinkstream_row_groups", default=None)
 
 
-def few_token_rows(chunks: list[tuple[int, int, int, int]]) -> list[bool]:
+def alone_sizes(chunks: list[tuple[int, int, int, int]]) -> list[int]:
     """For packed tokens given as (first offset, count, stream length, the stream's chunk size) per stream:
-    whether each token would be in a pass of fewer than MANY_TOKENS tokens if its stream were fed alone
-    (in chunks of its chunk size from offset 0)."""
+    the size of the pass each token would be in if its stream were fed alone (in chunks of its chunk size
+    from offset 0)."""
     out = []
     for start, n, total, chunk in chunks:
         for o in range(start, start + n):
-            out.append(min(chunk, total - (o // chunk) * chunk) < MANY_TOKENS)
+            out.append(min(chunk, total - (o // chunk) * chunk))
     return out
 
 
-@contextlib.contextmanager
-def rows_by_stream(few: list[bool], rows: list[int] | None = None, sizes: list[int] | None = None):
-    """Within the block, a quantized linear layer multiplying packed tokens whose rows `few` marks (see
-    `few_token_rows`), or the `rows` of them that get logits, computes each row as its stream would alone.
-    `sizes`: the streams' token counts in packing order, which lets the matrix multiply of the rows that
-    are not `few` run stream by stream (`many_splits`)."""
-    def summary(marks: list[bool]):  # True or False when every row agrees (no tensor work per layer), else a mask
-        return True if all(marks) else False if not any(marks) else torch.tensor(marks, dtype=torch.bool)
+class _Group:
+    """The rows of one row count: their alone-pass sizes, the stream each belongs to; per threshold, which
+    rows are few-row rows and how the others split by stream (worked out once per pass and threshold)."""
 
+    def __init__(self, sizes: list[int], stream: list[int], streams: int):
+        self.sizes, self.stream, self.streams = sizes, stream, streams
+        self.memo: dict[int, tuple] = {}
+
+    def answer(self, many: int) -> tuple:
+        hit = self.memo.get(many)
+        if hit is None:
+            marks = [n < many for n in self.sizes]
+            few = True if all(marks) else False if not any(marks) else torch.tensor(marks, dtype=torch.bool)
+            splits = None
+            if self.streams > 1:
+                counts = [0] * self.streams
+                for m, st in zip(marks, self.stream):
+                    if not m:
+                        counts[st] += 1
+                counts = [c for c in counts if c]
+                splits = counts if len(counts) > 1 else None
+            hit = self.memo[many] = (few, splits)
+        return hit
+
+
+@contextlib.contextmanager
+def rows_by_stream(alone: list[int], rows: list[int] | None = None, sizes: list[int] | None = None):
+    """Within the block, a layer multiplying packed tokens whose alone-pass sizes are `alone` (see
+    `alone_sizes`), or the `rows` of them that get logits, computes each row as its stream would alone.
+    `sizes`: the streams' token counts in packing order, which lets the matrix multiply of the rows that are
+    not few-row rows run stream by stream (`many_splits`)."""
     starts = [0]
     for size in sizes or []:
         starts.append(starts[-1] + size)
+    streams = len(starts) - 1
 
-    def splits(picked):  # rows not `few` per stream (in order, streams with none left out); None: one call
-        if len(starts) < 3:
-            return None
-        counts = [0] * (len(starts) - 1)
-        for r in picked:
-            if not few[r]:
-                counts[bisect.bisect_right(starts, r) - 1] += 1
-        counts = [c for c in counts if c]
-        return counts if len(counts) > 1 else None
+    def group(picked) -> _Group:
+        stream = [bisect.bisect_right(starts, r) - 1 for r in picked] if streams > 1 else [0] * len(picked)
+        return _Group([alone[r] for r in picked], stream, streams)
 
-    groups = {len(few): (summary(few), splits(range(len(few))))}
-    if rows is not None and len(rows) != len(few):
-        groups[len(rows)] = (summary([few[r] for r in rows]), splits(rows))
+    groups = {len(alone): group(range(len(alone)))}
+    if rows is not None and len(rows) != len(alone):
+        groups[len(rows)] = group(rows)
     token = _ROW_GROUPS.set(groups)
     try:
         yield
@@ -68,17 +91,19 @@ def rows_by_stream(few: list[bool], rows: list[int] | None = None, sizes: list[i
         _ROW_GROUPS.reset(token)
 
 
-def few_rows(n: int) -> bool | torch.Tensor:
-    """Whether each of the n rows of a layer's input takes the few-token kernels: True or False for all of
-    them, or a mask; inside `rows_by_stream`, as each row's stream would alone, else by n."""
+def few_rows(n: int, many: int = MANY_TOKENS) -> bool | torch.Tensor:
+    """Whether each of the n rows of a layer's input takes the few-row kernels of a layer whose threshold is
+    `many`: True or False for all of them, or a mask; inside `rows_by_stream`, as each row's stream would
+    alone, else by n."""
     groups = _ROW_GROUPS.get()
-    few = groups.get(n) if groups is not None else None
-    return n < MANY_TOKENS if few is None else few[0]
+    g = groups.get(n) if groups is not None else None
+    return n < many if g is None else g.answer(many)[0]
 
 
-def many_splits(n: int) -> list[int] | None:
-    """Inside `rows_by_stream` with the streams' sizes: how many of the n rows that are not few-token rows
-    each stream has (in order; streams with none left out), when more than one has some; else None."""
+def many_splits(n: int, many: int = MANY_TOKENS) -> list[int] | None:
+    """Inside `rows_by_stream` with the streams' sizes: how many of the n rows that are not few-row rows
+    (threshold `many`) each stream has (in order; streams with none left out), when more than one has some;
+    else None."""
     groups = _ROW_GROUPS.get()
-    hit = groups.get(n) if groups is not None else None
-    return None if hit is None else hit[1]
+    g = groups.get(n) if groups is not None else None
+    return None if g is None else g.answer(many)[1]

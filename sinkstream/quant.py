@@ -16,7 +16,7 @@ bits there cost SmolLM2 8% perplexity where int8 costs 0.3%.
 
 On the CPU, `QuantLinear` keeps the weights in 32-column blocks (4-bit codes two to a byte, or int8, with
 float16 scales) and runs our kernels (sinkstream/kernels): activations quantized to int8 per block, integer
-dot products, as llama.cpp computes; passes of `MANY_TOKENS` or more de-quantize a slice of rows to bfloat16
+dot products, as llama.cpp computes; passes of `QUANT_MANY_TOKENS` or more de-quantize a slice of rows to bfloat16
 for a matrix multiply. Without our kernels it uses torch's packed kernels (``_weight_int4pack_mm_for_cpu``,
 ``_weight_int8pack_mm``, bfloat16 activations). Other devices hold the de-quantized weights in the model's
 dtype and use a plain matmul: the same numbers, without the speed or memory gain. `fuse_projections` lets
@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import SinkstreamError
-from .passrows import MANY_TOKENS, few_rows, many_splits
+from .passrows import QUANT_MANY_TOKENS, few_rows, many_splits
 
 QUANT_TYPES = ("none", "int8", "int4")
 KERNEL_DTYPE = torch.bfloat16  # the activations that torch's packed kernels take
@@ -280,14 +280,14 @@ class QuantLinear(nn.Module):
         return y if self.bias is None else y + self.bias
 
     def _qmm(self, x: torch.Tensor) -> torch.Tensor:
-        few = few_rows(x.shape[0])
+        few = few_rows(x.shape[0], QUANT_MANY_TOKENS)
         if few is True:
             return self._few(x)
         if few is False:
-            return self._many(x, many_splits(x.shape[0]))
+            return self._many(x, many_splits(x.shape[0], QUANT_MANY_TOKENS))
         y = torch.empty(x.shape[0], self.out_features, dtype=torch.float32)
         y[few] = self._few(x[few])
-        y[~few] = self._many(x[~few], many_splits(x.shape[0]))
+        y[~few] = self._many(x[~few], many_splits(x.shape[0], QUANT_MANY_TOKENS))
         return y
 
     def _few(self, x: torch.Tensor) -> torch.Tensor:

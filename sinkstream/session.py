@@ -30,11 +30,13 @@ from .tokenizer import encode, eos_token_ids, render_chat
 FORMAT_VERSION = 2  # 2: a memory cache's blocks and index pages are in a log folder named by the header
 
 
-def system_prefix(tokenizer, system: str) -> str:
-    """The template text every conversation with `system` starts with: all that the chat template renders
-    before the first user message's content (BOS, the system turn, the opening of the user turn)."""
+def system_prefix(tokenizer, system: str | None) -> str:
+    """The template text every conversation with `system` (None: no system message) starts with: all that
+    the chat template renders before the first user message's content (BOS, the system turn or the
+    template's default one, the opening of the user turn)."""
     mark = f"<user-{secrets.token_hex(16)}>"
-    text = render_chat(tokenizer, [{"role": "system", "content": system}, {"role": "user", "content": mark}])
+    head = [] if system is None else [{"role": "system", "content": system}]
+    text = render_chat(tokenizer, head + [{"role": "user", "content": mark}])
     return text[:text.index(mark)]
 
 
@@ -105,7 +107,9 @@ class Session:
 
     A system prompt starts the stream when the session is made (or with `use_system`): the template text
     before the first user message (`system_prefix`) is fed at once, through a `PrefixStore`, so sessions
-    with the same system prompt copy its cache state instead of computing it again. With
+    with the same system prompt copy its cache state instead of computing it again. A chat with no system
+    prompt starts the same way with what the template renders before the first message's content (a
+    default system prompt, as SmolLM2's and Qwen's templates add, and the user turn's opening). With
     ``pin_system=True`` those tokens become the cache's sinks (`CacheConfig.pinned`): never evicted,
     however long the chat, in a cache of the same size.
     """
@@ -161,6 +165,18 @@ class Session:
         fill_prefix(self.model, self.cache, ids, self.prefixes)
         self.system, self.prefix_text = system, text
         self.pinned = len(ids) if self.pin_system else 0
+
+    def _start_template(self) -> None:
+        """Begin a chat with no system prompt with the template's own start (`system_prefix` of None), through
+        the `PrefixStore`: every such chat starts with the same tokens. The store's copy runs on a thread that
+        ends with it (`batch.in_fresh_thread`: a long-lived thread running tensor work slows a batch)."""
+        from .batch import in_fresh_thread
+        from .prefix import fill_prefix
+        text = system_prefix(self.tokenizer, None)
+        ids = encode(self.tokenizer, text, start_of_stream=True)
+        if ids:
+            in_fresh_thread(fill_prefix, self.model, self.cache, ids, self.prefixes)
+            self.prefix_text = text
 
     def _fresh(self, config: CacheConfig) -> None:
         self.cache = self.model.make_cache(config)
@@ -223,6 +239,8 @@ class Session:
     def chat(self, message: str, *, max_tokens: int | None = 512, stop: list[str] | None = None,
              progress=None) -> Iterator[GenerationResponse]:
         """Stream the assistant's reply to one user message."""
+        if not self.system and self.prefix_text is None and not self.cache.seen and self.pending is None:
+            self._start_template()
         text = self._turn_text(message)
         self._remember({"role": "user", "content": message})
         yield from self._run(self._encode(text), max_tokens=max_tokens, stop=stop, progress=progress)

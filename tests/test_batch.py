@@ -190,16 +190,18 @@ def test_smollm2_greedy_batched_equals_alone_for_64_steps(real):
 
 def test_int4_streams_decode_the_same_beside_a_long_prompt():
     """Quantized layers compute a stream's rows by that stream's own pass size (our int8-activation kernel
-    below 16 tokens, a bfloat16 matrix multiply from 16), so decoding beside a prompt chunk changes nothing."""
+    below QUANT_MANY_TOKENS tokens, a bfloat16 matrix multiply from there), so decoding beside a prompt chunk
+    changes nothing."""
     from conftest import hf_tiny, ours_from_hf
     from sinkstream import kernels, quant
+    from sinkstream.passrows import QUANT_MANY_TOKENS
     from sinkstream.quant import QuantLinear, quantize
     if not kernels.available():
         pytest.skip("our CPU kernels are not built here (no compiler)")
     model = ours_from_hf(hf_tiny("llama", seed=3))
     quantize(model, "int4")
     V = vocab_of(model)
-    jobs = [(i, prompt(80 + i, 5 if i < 3 else 60, V), 0.04 * (i == 3)) for i in range(4)]
+    jobs = [(i, prompt(80 + i, 5 if i < 3 else QUANT_MANY_TOKENS + 36, V), 0.04 * (i == 3)) for i in range(4)]
 
     def run(job):
         _, p, delay = job
@@ -294,3 +296,25 @@ def test_in_fresh_thread_keeps_the_callers_runner(tiny):
         assert in_fresh_thread(runner_for, tiny) is DIRECT
     finally:
         b.close()
+
+
+def test_threads_take_short_gil_turns_while_a_batcher_serves(tiny):
+    """Stream threads hand in their tokens between steps all at once: 1 ms GIL turns while any Batcher
+    serves (two at once here), the process's own setting before and after."""
+    import sys
+
+    from sinkstream import batch
+    model = tiny
+    before = sys.getswitchinterval()
+    assert before > batch.GIL_TURN_SECONDS
+    a, b = Batcher(model), Batcher(model)
+    try:
+        cache = model.make_cache(CacheConfig("sink", sinks=2, window=16))
+        a.run(model, cache, torch.tensor([[5, 6, 7]]))
+        assert sys.getswitchinterval() == batch.GIL_TURN_SECONDS
+        a.close()
+        assert sys.getswitchinterval() == batch.GIL_TURN_SECONDS  # b still serves
+    finally:
+        a.close()
+        b.close()
+    assert sys.getswitchinterval() == before

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from sinkstream import kernels
-from sinkstream.passrows import MANY_TOKENS, rows_by_stream
+from sinkstream.passrows import MANY_TOKENS, QUANT_MANY_TOKENS, rows_by_stream
 from sinkstream.quant import QuantLinear, QuantWeight, fuse_projections, projections, quantize
 
 from conftest import hf_tiny, ours_from_hf
@@ -48,7 +48,7 @@ def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
 @pytest.mark.parametrize("make", [lambda: int4_weight(80, 256), lambda: int4_weight(48, 96),
                                   lambda: int8_weight(80, 256, 32), lambda: int8_weight(48, 96, 96)],
                          ids=["int4", "int4-odd-blocks", "int8-per-32", "int8-per-row"])
-@pytest.mark.parametrize("tokens", [1, 3, MANY_TOKENS + 5])
+@pytest.mark.parametrize("tokens", [1, 3, 20, QUANT_MANY_TOKENS + 5])
 def test_kernel_matches_the_dequantized_matmul(make, tokens):
     w = make()
     layer = QuantLinear(w)
@@ -210,7 +210,7 @@ def test_rows_are_the_same_alone_or_batched(k, kind):
     w = int4_weight(40, k) if kind == "int4" else int8_weight(40, k, 32)
     layer = QuantLinear(w)
     x = torch.randn(20, k)
-    with torch.inference_mode():  # the kernel path for every row count (MANY_TOKENS and up go to _many)
+    with torch.inference_mode():  # the kernel path for every row count (QUANT_MANY_TOKENS and up go to _many)
         alone = torch.cat([layer._few(x[i:i + 1]) for i in range(20)])
         for m in (2, 3, 4, 5, 8, 9, 15, 16, 17, 20):  # one-at-a-time rows, tiles, a tile and one more row
             assert torch.equal(layer._few(x[:m]), alone[:m]), m
@@ -278,26 +278,27 @@ def test_float_linear_rows_are_the_same_alone_or_batched():
     many = torch.randn(MANY_TOKENS, 600)
     assert torch.equal(lin(many), torch.nn.functional.linear(many, lin.weight, lin.bias))
     # a batched pass of 3 decode rows beside a 16-token prompt chunk: each row as its own pass would take it
-    with rows_by_stream([True] * 3 + [False] * MANY_TOKENS):
+    with rows_by_stream([1] * 3 + [MANY_TOKENS] * MANY_TOKENS):
         mixed = lin(torch.cat([x[:3], many]))
     assert torch.equal(mixed[:3], alone[:3]) and torch.equal(mixed[3:], lin(many))
 
 
 @pytest.mark.parametrize("kind", ["int4", "int8"])
 def test_many_token_rows_of_a_stream_do_not_depend_on_the_other_streams(kind):
-    """Prompt rows (passes of MANY_TOKENS or more) go through a bfloat16 matrix multiply, which rounds a row
-    differently with the number of rows in the call: in a batched pass each stream's rows get a call of
+    """Prompt rows (passes of QUANT_MANY_TOKENS or more) go through a bfloat16 matrix multiply, which rounds a
+    row differently with the number of rows in the call: in a batched pass each stream's rows get a call of
     their own (rows_by_stream's sizes), so a prompt packed with others comes out as alone."""
     w = int4_weight(300, 576) if kind == "int4" else int8_weight(300, 576, 32)
     layer = QuantLinear(w)
-    x = torch.randn(200, 576)
+    x = torch.randn(250, 576)
+    alone_sizes = [80] * 80 + [7] * 7 + [163] * 163
     with torch.inference_mode():
-        alone = [layer(x[a:b]) for a, b in ((0, 45), (45, 52), (52, 200))]
-        with rows_by_stream([False] * 45 + [True] * 7 + [False] * 148, sizes=[45, 7, 148]):
+        alone = [layer(x[a:b]) for a, b in ((0, 80), (80, 87), (87, 250))]
+        with rows_by_stream(alone_sizes, sizes=[80, 7, 163]):
             packed = layer(x)
         assert torch.equal(packed, torch.cat(alone))
-        with rows_by_stream([False] * 45 + [True] * 7 + [False] * 148, [44, 51, 199], sizes=[45, 7, 148]):
-            logits = layer(x[[44, 51, 199]])  # the rows that get logits: one from each stream
+        with rows_by_stream(alone_sizes, [79, 86, 249], sizes=[80, 7, 163]):
+            logits = layer(x[[79, 86, 249]])  # the rows that get logits: one from each stream
         # alone, a prompt's last row gets its logits in a many-token pass of one row; the 7-token stream's by the kernel
-        assert torch.equal(logits, torch.cat([layer._many(x[i:i + 1]) if i != 51 else layer._few(x[i:i + 1])
-                                              for i in (44, 51, 199)]))
+        assert torch.equal(logits, torch.cat([layer._many(x[i:i + 1]) if i != 86 else layer._few(x[i:i + 1])
+                                              for i in (79, 86, 249)]))

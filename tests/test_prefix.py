@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from inprocess import AppServer, shared_tiny_chat
-from sinkstream import CacheConfig, Session
+from sinkstream import CacheConfig, SamplingConfig, Session
 from sinkstream.errors import PinError, SinkstreamError
 from sinkstream.prefix import PrefixStore
 from sinkstream.session import system_prefix
@@ -152,6 +152,30 @@ def test_shared_prefix_gives_the_same_state_and_tokens_as_prefilling_it(tiny_cha
     again = Session(model, tok, CACHE, system=SYSTEM, pin_system=pin, prefixes=store)
     assert again.cache.seen == len(prefix_ids(tok))
     assert greedy_chat(again, msgs) == expect
+
+
+def test_chats_without_a_system_prompt_share_the_templates_start(tiny_chat):
+    """What the template renders before the first message's content (SmolLM2's default system prompt and
+    the user turn's opening) starts every chat with no system prompt, through the store: the same tokens
+    in the cache as the first turn rendered whole, the same replies."""
+    from sinkstream.generate import stream_tokens
+    from sinkstream.sampling import make_sampler
+    from sinkstream.tokenizer import render_chat
+    model, tok = tiny_chat
+    head = system_prefix(tok, None)
+    assert len(encode(tok, head, start_of_stream=True)) > 10  # the default system prompt is in it
+    store = PrefixStore()
+    a, b = Session(model, tok, CACHE, prefixes=store), Session(model, tok, CACHE, prefixes=store)
+    msgs = ["What is for dinner?", "And after that?"]
+    replies = greedy_chat(a, msgs)
+    assert greedy_chat(b, msgs) == replies and (store.misses, store.hits) == (1, 1)
+    assert a.prefix_text == head and a.system is None
+    whole = render_chat(tok, [{"role": "user", "content": msgs[0]}])
+    ids = encode(tok, whole, start_of_stream=True)
+    assert encode(tok, head, start_of_stream=True) + encode(tok, whole[len(head):], start_of_stream=False) == ids
+    alone = list(stream_tokens(model, model.make_cache(CACHE), torch.tensor(ids), sampler=make_sampler(SamplingConfig()),
+                              max_tokens=6, stop_ids=set()))
+    assert replies[0] == alone[:len(replies[0])]
 
 
 def test_prefix_keys_by_config_and_tokens(tiny_chat):
