@@ -6,8 +6,10 @@ Each stream is a chat prompt (the model's template, a different subject each) co
 `stream_generate` to exactly --tokens tokens (end-of-text ignored), greedy, sink(4, 1020) caches made
 beforehand in the calling thread. For each count of streams it prints the aggregate tokens/s (all tokens /
 wall time from the start to the last token, prompts included), the first-token times and the median
-inter-token latency, medians over --rounds; then the ratio to one stream. benchmarks/server_concurrency.py
-measures the same through `sinkstream serve` (HTTP, request threads, clients sharing the CPUs); the
+inter-token latency, medians over --rounds; then the ratio to one stream, and the median time of a step
+that decodes a token for every stream and of the time between two such steps (the streams' threads handing
+in their next tokens).
+benchmarks/server_concurrency.py measures the same through `sinkstream serve` (HTTP, request threads, clients sharing the CPUs); the
 difference between the two is the server's share. Nothing else may run meanwhile.
 """
 from __future__ import annotations
@@ -40,12 +42,16 @@ def run(model, tok, n: int, tokens: int) -> dict:
             times.append(time.perf_counter())
         return times
 
+    steps = []  # (end time, seconds) of the steps that decoded one token for every stream
+    on_step = lambda st: steps.append((time.perf_counter(), st.seconds)) if st.feeds == st.tokens == n else None  # noqa: E731
     t0 = time.perf_counter()
-    res = map_batched(model, one, jobs, max_batch=n)
+    res = map_batched(model, one, jobs, max_batch=n, on_step=on_step)
     wall = time.perf_counter() - t0
     gaps = [b - a for ts in res for a, b in zip(ts, ts[1:])]
+    between = [(b - sb) - a for (a, _), (b, sb) in zip(steps, steps[1:])]
     return dict(tok_s=sum(map(len, res)) / wall, ttft_first=min(ts[0] for ts in res) - t0,
-                ttft_last=max(ts[0] for ts in res) - t0, itl=statistics.median(gaps))
+                ttft_last=max(ts[0] for ts in res) - t0, itl=statistics.median(gaps),
+                step=statistics.median(s for _, s in steps), between=statistics.median(between))
 
 
 def main() -> None:
@@ -63,14 +69,16 @@ def main() -> None:
     run(model, tok, max(counts), 8)  # warm-up: kernels, allocator
     print(f"{model.source}, quant {model.quant}, {args.tokens} tokens a stream, {args.threads} threads, "
           f"{args.rounds} round(s); load average {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
-    print(f"{'streams':>7}  {'agg tok/s':>9}  {'vs 1':>6}  {'first token, first / last':>25}  {'ITL median':>10}")
+    print(f"{'streams':>7}  {'agg tok/s':>9}  {'vs 1':>6}  {'first token, first / last':>25}  {'ITL median':>10}  "
+          f"{'step':>8}  {'between steps':>13}")
     base = None
     for n in counts:
         rows = [run(model, tok, n, args.tokens) for _ in range(args.rounds)]
         med = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
         base = base or med["tok_s"]
         print(f"{n:>7}  {med['tok_s']:>9.1f}  {med['tok_s'] / base:>5.2f}x  "
-              f"{med['ttft_first'] * 1e3:>10.0f} / {med['ttft_last'] * 1e3:>5.0f} ms  {med['itl'] * 1e3:>7.1f} ms")
+              f"{med['ttft_first'] * 1e3:>10.0f} / {med['ttft_last'] * 1e3:>5.0f} ms  {med['itl'] * 1e3:>7.1f} ms  "
+              f"{med['step'] * 1e3:>5.1f} ms  {med['between'] * 1e3:>10.2f} ms")
 
 
 if __name__ == "__main__":

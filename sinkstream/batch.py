@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -43,32 +42,6 @@ from .quant import keeping_dequantized, release_dequantized
 PREFILL_BUDGET = 256  # prompt tokens per step beside decoding streams that short prompts may take whole
 PREFILL_SHARE = 1.0   # prompt tokens beside decoding streams cost about this many decode steps' time
 GATHER_SECONDS = 0.005  # how long a step waits for generating streams to hand in their next token
-# While a Batcher serves, Python threads take turns with the GIL at least this often (sys.setswitchinterval,
-# 5 ms by default). Between two steps every stream thread wakes, detokenizes and hands in its next token, all
-# wanting the GIL at once; with 5 ms turns those hand-offs took 3.5-3.9 ms for 8 int4 SmolLM2 streams (on
-# a 24 ms step), with 1 ms turns about 1 ms (benchmarks/batch_api.py, docs/RESULTS.md).
-GIL_TURN_SECONDS = 0.001
-_turns_lock = threading.Lock()
-_turns_users = 0
-_turns_saved: float | None = None
-
-
-@contextlib.contextmanager
-def _short_gil_turns() -> Iterator[None]:
-    """`GIL_TURN_SECONDS` turns while any Batcher serves; the process's own setting comes back after."""
-    global _turns_users, _turns_saved
-    with _turns_lock:
-        if _turns_users == 0:
-            _turns_saved = sys.getswitchinterval()
-            sys.setswitchinterval(min(_turns_saved, GIL_TURN_SECONDS))
-        _turns_users += 1
-    try:
-        yield
-    finally:
-        with _turns_lock:
-            _turns_users -= 1
-            if _turns_users == 0:
-                sys.setswitchinterval(_turns_saved)
 
 
 class BadTokenError(SinkstreamError, ValueError):
@@ -365,10 +338,6 @@ class Batcher:
     def serve(self) -> None:
         """Step whatever is submitted until `close`: the batch thread's loop, or the caller's with
         ``start=False`` (a thread that already runs torch work steps fastest: see `in_fresh_thread`)."""
-        with _short_gil_turns():
-            self._serve()
-
-    def _serve(self) -> None:
         while True:
             with self.cond:
                 while not self.queue and not self.closed:

@@ -297,24 +297,3 @@ def test_in_fresh_thread_keeps_the_callers_runner(tiny):
     finally:
         b.close()
 
-
-def test_threads_take_short_gil_turns_while_a_batcher_serves(tiny):
-    """Stream threads hand in their tokens between steps all at once: 1 ms GIL turns while any Batcher
-    serves (two at once here), the process's own setting before and after."""
-    import sys
-
-    from sinkstream import batch
-    model = tiny
-    before = sys.getswitchinterval()
-    assert before > batch.GIL_TURN_SECONDS
-    a, b = Batcher(model), Batcher(model)
-    try:
-        cache = model.make_cache(CacheConfig("sink", sinks=2, window=16))
-        a.run(model, cache, torch.tensor([[5, 6, 7]]))
-        assert sys.getswitchinterval() == batch.GIL_TURN_SECONDS
-        a.close()
-        assert sys.getswitchinterval() == batch.GIL_TURN_SECONDS  # b still serves
-    finally:
-        a.close()
-        b.close()
-    assert sys.getswitchinterval() == before
