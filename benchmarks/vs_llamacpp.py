@@ -21,7 +21,9 @@ anonymous memory). Settings: llama.cpp ``n_ctx = context + 64`` (more if the ste
 attention off, f16 KV cache); sinkstream ``sink(4, context - 4)``, so its cache is full after the prefill
 and every timed step evicts a token, in ``--dtype`` (float32) with ``--quant`` (auto: the file's own
 quantization), its KV in ``--kv-dtype`` (default the model's dtype; bfloat16 matches llama.cpp's f16 cache
-byte for byte). Both get ``OMP_NUM_THREADS = --threads``.
+byte for byte). Both get ``OMP_NUM_THREADS = --threads``. Those runs find the file's tokenizer folder
+built (after the first); ``--first-load`` also times sinkstream's load alone with nothing cached, --rounds
+times (the tokenizer conversion included), as "first load s".
 
 The table shows medians over the rounds and sinkstream / llama.cpp ratios, the file size and the load
 average before and after the file's runs, with a warning when other work competed for the cores: both
@@ -122,6 +124,8 @@ def worker_sinkstream(spec: dict) -> dict:
     t = time.perf_counter()
     model, _ = sinkstream.load(spec["path"], device="cpu", dtype=spec["dtype"], quant=spec["quant"], quiet=True)
     load = time.perf_counter() - t
+    if spec.get("load_only"):
+        return dict(import_s=imported, rss_before_load_mib=rss0, load_s=load)
     cache = model.make_cache(sinkstream.CacheConfig("sink", sinks=4, window=ctx - 4, kv_dtype=spec["kv_dtype"]))
     with torch.inference_mode():
         t = time.perf_counter()
@@ -181,8 +185,9 @@ def run_worker(engine: str, spec: dict, args) -> dict:
         return dict(error=f"rc {p.returncode}: {tail}", wall_s=wall)
     row = json.loads(lines[-1])
     row["wall_s"] = wall
-    row["prefill_tok_s"] = spec["context"] / row["prefill_s"]
-    row["decode_ms"] = statistics.median(row["decode_s"]) * 1e3
+    if "prefill_s" in row:  # not a load-only run
+        row["prefill_tok_s"] = spec["context"] / row["prefill_s"]
+        row["decode_ms"] = statistics.median(row["decode_s"]) * 1e3
     return row
 
 
@@ -209,6 +214,9 @@ def table(info: dict, rows: list[dict], args) -> str:
         out.append(f"   {label:<{w}}{_fmt(a, nd):>12}{_fmt(b, nd):>12}{ratio:>8}")
     out.append(f"   {'read (page cache)':<{w}}{'':>12}{_fmt(info['read_s'], 2):>12}"
                f"   s ({info['size'] / 2**30 / info['read_s']:.2f} GiB/s), beside sinkstream's load s")
+    if info.get("first_load_s"):
+        out.append(f"   {'first load s':<{w}}{'':>12}{_fmt(statistics.median(info['first_load_s']), 2):>12}"
+                   "   sinkstream with nothing cached (median; its tokenizer folder built)")
     cores = len(os.sched_getaffinity(0))
     before, after = info["loadavg_before"][0], info["loadavg_after"][0]
     if before > cores - args.threads + 0.5 or after > cores + 0.5:
@@ -219,6 +227,29 @@ def table(info: dict, rows: list[dict], args) -> str:
         if "error" in r:
             out.append(f"   {r['engine']} round {r['round'] + 1} FAILED: " + r["error"].replace("\n", "\n      "))
     return "\n".join(out)
+
+
+def first_loads(path: str, spec: dict, args) -> list[float]:
+    """sinkstream's load time of `path` with nothing of the file cached (its tokenizer folder is built
+    through transformers' GGUF conversion, as on a file's first load), --rounds times: each run gets an
+    empty cache folder holding only a link to the compiled kernels (sinkstream.loading.cache_root)."""
+    import shutil
+    import tempfile
+    root = Path(os.environ.get("SINKSTREAM_CACHE") or
+                Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "sinkstream")
+    out = []
+    for _ in range(args.rounds):
+        tmp = Path(tempfile.mkdtemp(prefix="sinkstream-first-load-"))
+        try:
+            if (root / "kernels").exists():
+                (tmp / "kernels").symlink_to(root / "kernels")
+            env_args = argparse.Namespace(**{**vars(args), "sinkstream_env": [*args.sinkstream_env,
+                                                                            f"SINKSTREAM_CACHE={tmp}"]})
+            row = run_worker("sinkstream", dict(spec, load_only=True), env_args)
+            out.append(row["load_s"] if "error" not in row else float("nan"))
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out
 
 
 def bench_file(path: str, args, log) -> tuple[dict, list[dict]]:
@@ -237,6 +268,9 @@ def bench_file(path: str, args, log) -> tuple[dict, list[dict]]:
             else:
                 log(f"  round {rnd + 1} {engine}: load {row['load_s']:.2f} s, prefill {row['prefill_tok_s']:.1f} "
                     f"tok/s, decode {row['decode_ms']:.2f} ms/token, peak RSS {row['peak_rss_mib']:.0f} MiB")
+    if args.first_load:
+        info["first_load_s"] = first_loads(path, spec, args)
+        log(f"  sinkstream first loads (nothing cached): {', '.join(f'{v:.2f}' for v in info['first_load_s'])} s")
     info["loadavg_after"] = os.getloadavg()
     return info, rows
 
@@ -264,6 +298,9 @@ def parse_args(argv=None):
     p.add_argument("--llama-python", default=DEFAULT_LLAMA_PYTHON, help="python of the llama-cpp-python venv")
     p.add_argument("--sinkstream-python", default=DEFAULT_SINKSTREAM_PYTHON, help="python of sinkstream's venv")
     p.add_argument("--timeout", type=float, default=3600, help="seconds before a run is abandoned")
+    p.add_argument("--first-load", action="store_true",
+                   help="also time sinkstream's load with nothing cached (tokenizer conversion included), "
+                        "--rounds times")
     p.add_argument("--json", metavar="OUT", help="write every raw row here")
     p.add_argument("--worker", choices=["llama", "sinkstream"], help=argparse.SUPPRESS)
     args = p.parse_args(argv)

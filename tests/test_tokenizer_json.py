@@ -100,3 +100,33 @@ def test_loading_a_gguf_imports_no_transformers(smollm2_folder):
     name, imported, ids = json.loads(out.stdout.strip().splitlines()[-1])
     assert (name, imported) == ("Tokenizer", False)
     assert ids == load_tokenizer(smollm2_folder).encode("Hello there")
+
+
+def _files(folder) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+@pytest.mark.parametrize("case", ["smollm2", *sorted(CASES)])
+def test_gguf_tokenizer_folder_is_what_autotokenizer_builds(case, tmp_path, monkeypatch):
+    """The folder built with the class picked from our config's model type is byte for byte the folder built
+    through AutoTokenizer (which reads the whole file for a config first), for every family's tiny GGUF;
+    GPT-NeoX and MPT files, whose config AutoTokenizer cannot read, get a tokenizer this way only."""
+    from sinkstream.gguf.tokenizer import tokenizer_folder
+    if case == "smollm2":
+        path = resolve(None)
+    else:
+        hf, arch, meta, tensors = CASES[case]()
+        path = tmp_path / "t.gguf"
+        write_gguf(path, arch, meta, tensors, template=TEMPLATE)
+    gm = open_gguf(path)
+    header = int(gm._reader.data_offset)
+    monkeypatch.setenv("SINKSTREAM_CACHE", str(tmp_path / "fast"))
+    fast = tokenizer_folder(path, header, gm.config["model_type"])
+    monkeypatch.setenv("SINKSTREAM_CACHE", str(tmp_path / "auto"))
+    if gm.architecture in ("gptneox", "mpt"):  # AutoTokenizer cannot read these files' config at all
+        with pytest.raises(Exception, match="not supported"):
+            tokenizer_folder(path, header, None)
+        assert_same(load_tokenizer(fast), AutoTokenizer.from_pretrained(str(fast)))
+        return
+    auto = tokenizer_folder(path, header, None)
+    assert fast != auto and _files(fast) == _files(auto)

@@ -53,7 +53,7 @@ class GGUFModel:
         """A folder that sinkstream.tokenizer.load_tokenizer reads: the tokenizer and chat template in the
         file's metadata (built once, then cached)."""
         from .tokenizer import tokenizer_folder
-        return tokenizer_folder(self.path, int(self._reader.data_offset))
+        return tokenizer_folder(self.path, int(self._reader.data_offset), self.config.get("model_type"))
 
     def _read(self, gguf_name: str, native: bool) -> torch.Tensor | QuantWeight:
         from . import quants
