@@ -8,9 +8,8 @@ beforehand in the calling thread. For each count of streams it prints the aggreg
 wall time from the start to the last token, prompts included), the first-token times and the median
 inter-token latency, medians over --rounds; then the ratio to one stream, and the median time of a step
 that decodes a token for every stream and of the time between two such steps (the streams' threads handing
-in their next tokens).
-benchmarks/server_concurrency.py measures the same through `sinkstream serve` (HTTP, request threads, clients sharing the CPUs); the
-difference between the two is the server's share. Nothing else may run meanwhile.
+in their next tokens). benchmarks/server_concurrency.py measures the same through `sinkstream serve` (HTTP,
+request threads, clients sharing the CPUs); the difference between the two is the server's share. Nothing else may run meanwhile.
 """
 from __future__ import annotations
 

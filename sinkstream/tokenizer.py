@@ -59,7 +59,8 @@ def encode(tokenizer, text: str, *, start_of_stream: bool) -> list[int]:
 
 
 def render_chat(tokenizer, messages: list[dict], *, add_generation_prompt: bool = True) -> str:
-    """Render messages with the model's own chat template (transformers renders it in a Jinja sandbox)."""
+    """Render messages with the model's own chat template, in a Jinja sandbox (ours for a
+    `tokenizer_json.Tokenizer`, transformers' for its own tokenizers)."""
     template = getattr(tokenizer, "chat_template", None)
     if not template and "<start_of_turn>" in _marks(tokenizer):
         template = _GEMMA_TURNS

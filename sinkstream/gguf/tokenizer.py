@@ -2,8 +2,9 @@
 
 transformers' GGUF tokenizer conversion reads only the metadata (vocabulary, merges, special ids, chat
 template), never a tensor; it runs once per file, and the folder it leaves is a `sinkstream.tokenizer_json`
-folder, which later loads need no transformers for. The folder is cached under ``cache_root()``, keyed by the file's size,
-modification time and the bytes of its header and metadata, so a cache hit reads a few MB, not the file.
+folder, which later loads need no transformers for. The folder is cached under ``cache_root()``, keyed by
+the file's size, modification time and the bytes of its header and metadata, so a cache hit reads a few
+MB, not the file.
 """
 from __future__ import annotations
 
