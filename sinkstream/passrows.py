@@ -14,10 +14,8 @@ import torch
 
 # Passes with at least this many tokens (prefill) go through a matrix multiply library rather than our
 # few-row kernels: float32 layers (torch's sgemm against f32_mm), and quantized ones, which de-quantize a
-# slice of rows at a time to bfloat16 (oneDNN; AMX where the CPU has it). Below it the kernels are faster:
-# for SmolLM2's int4 layers 8.6 against 25.2 ms a pass of 16 rows, 32.1 against 36.1 at 64 rows, 48.2
-# against 39.5 at 96 (the 1.1B shape crosses at about the same count), measured with every projection of
-# a layer, the de-quantization included, one row count at a time.
+# slice of rows at a time to bfloat16 (oneDNN; AMX where the CPU has it). Below it the kernels are faster
+# (the quantized threshold: benchmarks/prompt_steps.py, docs/RESULTS.md "Many sessions at once").
 MANY_TOKENS = 16
 QUANT_MANY_TOKENS = 64
 

@@ -17,9 +17,10 @@ bits there cost SmolLM2 8% perplexity where int8 costs 0.3%.
 On the CPU, `QuantLinear` keeps the weights in 32-column blocks (4-bit codes two to a byte, or int8, with
 float16 scales) and runs our kernels (sinkstream/kernels): activations quantized to int8 per block, integer
 dot products, as llama.cpp computes; passes of `QUANT_MANY_TOKENS` or more de-quantize a slice of rows to
-bfloat16 for a matrix multiply. Without our kernels it uses torch's packed kernels (``_weight_int4pack_mm_for_cpu``,
-``_weight_int8pack_mm``, bfloat16 activations). Other devices hold the de-quantized weights in the model's
-dtype and use a plain matmul: the same numbers, without the speed or memory gain. `fuse_projections` lets
+bfloat16 for a matrix multiply. Without our kernels it uses torch's packed kernels
+(``_weight_int4pack_mm_for_cpu``, ``_weight_int8pack_mm``, bfloat16 activations). Other devices hold the
+de-quantized weights in the model's dtype and use a plain matmul: the same numbers, without the speed or
+memory gain. `fuse_projections` lets
 q/k/v and gate/up share one call. `QuantEmbedding` keeps an embedding table quantized and de-quantizes only
 the rows it looks up.
 """
